@@ -1,0 +1,1 @@
+"""alexnet_jax: a faithful, fast, functional JAX/Flax reimplementation of AlexNet (NIPS 2012)."""

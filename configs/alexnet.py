@@ -1,0 +1,101 @@
+"""The paper's run: AlexNet (two columns) on ILSVRC-2012, as in Krizhevsky et al. 2012.
+
+  python main.py --config=configs/alexnet.py --workdir=runs/alexnet \
+      --config.data_dir=~/tensorflow_datasets
+
+Needs the ImageNet tar files downloaded by hand (TFDS manual download; the error message names
+them and where they go), or `--config.dataset=folder --config.data_dir=ROOT` for a folder of
+JPEGs laid out as ROOT/<split>/<class>/*.jpg.
+
+What "working" means: the paper reports 40.7% top-1 / 18.2% top-5 error on the ILSVRC-2012
+validation set for one CNN (§6, 10-crop test); about 90 epochs, five to six days on two GTX 580.
+Every number below that the paper gives carries its section.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The paper's hyper-parameters; every field can be overridden with --config.FIELD=VALUE."""
+  c = ml_collections.ConfigDict()
+
+  # ---- Data (§2, §4.1) ----
+  # 'imagenet2012' or any TFDS image-classification name, 'folder' (data_dir/<split>/<class>/*),
+  # 'digits' (scikit-learn's handwritten digits, offline) or 'synthetic' (random, for speed).
+  c.dataset = 'imagenet2012'
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir, or the folder root.
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.num_classes = 1000  # §2: ILSVRC's 1000 classes.
+  c.resize_size = 256  # §2: short side rescaled to 256, then the central 256x256 patch.
+  c.image_size = 224  # §4.1: random 224x224 patches of the 256x256 images.
+  # §2: "subtracting the mean activity over the training set from each pixel": 'image' is the
+  # per-pixel mean image of the paper; 'channel' a per-channel RGB mean.
+  c.mean = 'image'
+  # An .npz written by `python -m alexnet_jax.data_stats` (mean image, RGB mean, PCA of the RGB
+  # covariance). None: the statistics are computed from `stats_num_images` training images on
+  # the first run and saved in the workdir.
+  c.stats_file = ml_collections.config_dict.placeholder(str)
+  c.stats_num_images = 10_000
+  c.random_crop = True  # §4.1: random 224 crops for training.
+  c.random_flip = True  # §4.1: horizontal reflections with probability 1/2.
+  c.pca_lighting = True  # §4.1: PCA colour augmentation.
+  c.pca_lighting_std = 0.1  # §4.1: a_i ~ N(0, 0.1).
+  # 'paper': offset = P (a * lambda) with lambda the eigenvalues on a 0..1 pixel scale (the
+  # published 0.2175, 0.0188, 0.0045), times 255. 'cuda_convnet': offset = P (a * sqrt(lambda))
+  # with lambda on a 0..255 scale, as Krizhevsky's cuda-convnet2 code did (about twice the shift
+  # along the first component). See ../shared/PAPER.md.
+  c.pca_lighting_scale = 'paper'
+  # PCA eigenvalues/vectors: None takes the published ImageNet values (0..1 pixel scale).
+  c.pca_file = ml_collections.config_dict.placeholder(str)
+  c.shuffle_buffer = 16_384
+  c.cache = False  # tf.data cache of decoded examples (small datasets only).
+  c.ten_crop_eval = True  # §4.1/§6: average softmax over 4 corners + centre and their mirrors.
+
+  # ---- Model (§3) ----
+  c.model = 'paper'  # 'paper' (two columns), 'one_column', 'owt' (torchvision), 'small'.
+  c.lrn = True  # §3.3: LRN after ReLU of conv1 and conv2.
+  c.lrn_k = 2.0  # §3.3
+  c.lrn_n = 5  # §3.3
+  c.lrn_alpha = 1e-4  # §3.3
+  c.lrn_beta = 0.75  # §3.3
+  # 'paper': alpha multiplies the sum as written in §3.3 (TensorFlow's convention);
+  # 'divided': alpha / n (cuda-convnet, Caffe, PyTorch).
+  c.lrn_alpha_convention = 'paper'
+  c.overlapping_pool = True  # §3.4: 3x3 windows, stride 2 (False: 2x2, stride 2).
+  c.activation = 'relu'  # §3.1: 'relu' or 'tanh'.
+  c.dropout_rate = 0.5  # §4.2: dropout 0.5 in FC6 and FC7.
+  c.weight_init_std = 0.01  # §5: weights N(0, 0.01).
+  # §5: biases 1 in conv2, conv4, conv5 and the hidden FC layers (Caffe found this gave a flat
+  # loss and used 0.1).
+  c.bias_init_one = 1.0
+  c.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # How conv2/4/5's two columns run: 'auto' (fastest measured for the backend), 'split' (two
+  # half-convolutions) or 'grouped' (feature_group_count=2). Same parameters either way.
+  c.column_impl = 'auto'
+
+  # ---- Optimisation (§5) ----
+  c.batch_size = 128  # §5: batch 128 (global, over all devices).
+  c.eval_batch_size = 128
+  c.num_epochs = 90  # §5: "roughly 90 cycles through the training set".
+  c.learning_rate = 0.01  # §5
+  c.momentum = 0.9  # §5
+  c.weight_decay = 5e-4  # §5
+  # §5: "divide the learning rate by 10 when the validation error rate stopped improving",
+  # three times. 'step' divides at `lr_decay_epochs` instead.
+  c.lr_schedule = 'plateau'
+  c.lr_decay_factor = 0.1  # §5
+  c.lr_decay_epochs = (30, 60, 80)  # for 'step'.
+  c.plateau_max_decays = 3  # §5: reduced three times prior to termination.
+  c.plateau_patience = 1  # evaluations without improvement before dividing.
+  c.seed = 0
+
+  # ---- Loop, logging, checkpoints ----
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.eval_every_steps = 0  # >0 overrides eval_every_epochs.
+  c.checkpoint_every_steps = 2000
+  c.keep_checkpoints = 3
+  c.num_train_steps = -1  # >0 stops after this many steps (tests, benchmarks).
+  c.num_eval_steps = -1  # >0 evaluates only this many batches (tests).
+  return c
