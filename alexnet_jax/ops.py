@@ -26,6 +26,6 @@ def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.
   """Max-pooling over `window` x `window` patches with `stride`, no padding (NHWC)."""
   if impl not in POOL_IMPLS:
     raise ValueError(f'pool_impl must be one of {POOL_IMPLS}, got {impl!r}')
-  init = jnp.array(-jnp.inf, x.dtype)
-  return lax.reduce_window(x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+  # A Python -inf (not an array) lets JAX recognise the max monoid and differentiate it.
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
                            'VALID')

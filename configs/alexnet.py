@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_decay_factor = 0.1  # §5
   c.lr_decay_epochs = (30, 60, 80)  # for 'step'.
   c.plateau_max_decays = 3  # §5: reduced three times prior to termination.
-  c.plateau_patience = 1  # evaluations without improvement before dividing.
+  c.plateau_patience = 2  # evaluations without improvement before dividing (our choice).
   c.seed = 0
 
   # ---- Loop, logging, checkpoints ----

@@ -1,0 +1,78 @@
+"""Losses, top-k errors, and the metric writers (TensorBoard event files and metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy (the multinomial logistic regression objective, §3)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def topk_errors(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the true label is not among the k highest `scores` (§6: top-1/top-5 error).
+
+  The rank of the true class is the number of classes scored strictly higher, so a tie counts
+  in the true label's favour, as it would under any tie-breaking of a sort.
+  """
+  true_score = jnp.take_along_axis(scores, labels[:, None], axis=-1)
+  rank = jnp.sum(scores > true_score, axis=-1)
+  return (rank >= k).astype(jnp.float32)
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard event files and to `workdir/metrics.jsonl` (process 0 only).
+
+  metrics.jsonl holds one JSON object per line: {"step": N, "train/loss": ..., ...}.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      try:
+        from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:  # TensorBoard is optional; metrics.jsonl always works.
+        self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step)}
+    for key, value in scalars.items():
+      value = float(value)
+      record[key] = value if math.isfinite(value) else str(value)
+      if self._tb is not None:
+        self._tb.scalar(key, value, int(step))
+    record['time'] = time.time()
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads a metrics.jsonl file back into a list of dicts."""
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]

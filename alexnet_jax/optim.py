@@ -1,0 +1,105 @@
+"""The paper's optimiser (§5) and its learning-rate schedules.
+
+§5's update rule, with e the learning rate:
+    v <- 0.9 v - 0.0005 e w - e dL/dw
+    w <- w + v
+`paper_sgd` builds exactly this from optax pieces: decayed weights are added to the gradient,
+the sum is scaled by -e, and the momentum trace accumulates the scaled step. Unlike
+`optax.sgd(momentum=...)`, which scales the trace by the current e, the velocity here keeps the
+learning rates it was built with, as in the paper's rule, so the two differ only while e changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+LR_SCHEDULES = ('step', 'plateau')
+
+
+def paper_sgd(learning_rate: float, momentum: float, weight_decay: float
+              ) -> optax.GradientTransformation:
+  """§5: SGD with momentum and weight decay, v <- m v - wd e w - e g; w <- w + v."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.trace(decay=momentum),
+  )
+
+
+def create_optimizer(config: Any) -> optax.GradientTransformation:
+  """`paper_sgd` with the learning rate held in the optimizer state, set each step.
+
+  The learning rate is a hyper-parameter of the state (optax.inject_hyperparams) so the training
+  step can be given the value of whichever schedule runs, including the validation-driven
+  plateau schedule that no function of the step count can express.
+  """
+  return optax.inject_hyperparams(paper_sgd)(
+      learning_rate=config.learning_rate, momentum=config.momentum,
+      weight_decay=config.weight_decay)
+
+
+def with_learning_rate(opt_state: Any, learning_rate: jnp.ndarray) -> Any:
+  """Returns `opt_state` (of `create_optimizer`) with its learning rate replaced."""
+  hyperparams = dict(opt_state.hyperparams)
+  hyperparams['learning_rate'] = jnp.asarray(learning_rate,
+                                             hyperparams['learning_rate'].dtype)
+  return opt_state._replace(hyperparams=hyperparams)
+
+
+def step_schedule(config: Any, steps_per_epoch: int) -> optax.Schedule:
+  """Divides the learning rate by 1/lr_decay_factor at each of `lr_decay_epochs`."""
+  boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs}
+  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def plateau_transform(config: Any) -> optax.GradientTransformation:
+  """§5: divide by 10 when the validation error stops improving, at most three times.
+
+  optax.contrib.reduce_on_plateau is driven here once per evaluation with the validation top-1
+  error; its `scale` (1, 0.1, 0.01, 0.001 and no lower) multiplies the base learning rate.
+  """
+  return optax.contrib.reduce_on_plateau(
+      factor=config.lr_decay_factor, patience=config.plateau_patience, rtol=0.0, atol=1e-6,
+      min_scale=config.lr_decay_factor ** config.plateau_max_decays)
+
+
+class LearningRate:
+  """The host-side learning-rate schedule: `value(step)`; `observe(error)` after evaluations.
+
+  Its state (`state` / `restore`) is part of every checkpoint, so a resumed run continues with
+  the same plateau count and best error.
+  """
+
+  def __init__(self, config: Any, steps_per_epoch: int):
+    if config.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f'config.lr_schedule={config.lr_schedule!r}: choose one of {LR_SCHEDULES}')
+    self.kind = config.lr_schedule
+    self.base = config.learning_rate
+    self.factor = config.lr_decay_factor
+    self._step_fn = step_schedule(config, steps_per_epoch)
+    self._plateau = plateau_transform(config)
+    self.plateau_state = self._plateau.init(jnp.zeros(()))
+
+  def value(self, step: int) -> float:
+    if self.kind == 'step':
+      return float(self._step_fn(step))
+    return self.base * float(self.plateau_state.scale)
+
+  def observe(self, val_error: float) -> None:
+    """Feeds one validation error to the plateau schedule (no effect for 'step')."""
+    if self.kind == 'plateau':
+      _, self.plateau_state = self._plateau.update(
+          jnp.zeros(()), self.plateau_state, value=jnp.asarray(val_error, jnp.float32))
+
+  @property
+  def num_decays(self) -> int:
+    return int(round(float(jnp.log(self.plateau_state.scale) / jnp.log(self.factor))))
+
+  def state(self) -> Any:
+    return self.plateau_state
+
+  def restore(self, state: Any) -> None:
+    self.plateau_state = type(self.plateau_state)(*state)

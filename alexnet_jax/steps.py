@@ -1,0 +1,138 @@
+"""The training and evaluation steps: pure per-device functions, mapped over devices with pmap.
+
+The paper split one network over two GPUs by its columns (§3.2); here every device holds the
+whole network and a slice of the batch (data parallelism): gradients and metrics are averaged
+over the device axis with `lax.pmean`, which equals the gradient of the mean loss over the global
+batch when each device holds the same number of examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import optim
+
+AXIS = 'devices'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree (checkpointed whole)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32) of the run's base key; per-step keys are folded in.
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                       image_size: int) -> TrainState:
+  """Initial state: §5's initialisation from `seed`, fresh optimizer state, step 0."""
+  init_key, base_key = jax.random.split(jax.random.key(seed))
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = jax.jit(lambda k: model.init({'params': k}, x, train=False)['params'])(init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(base_key))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on this device's slice of the batch; call under pmap(axis_name=AXIS).
+
+  Every device draws its own dropout masks: the key is folded with the step and the device index.
+  """
+  key = jax.random.wrap_key_data(state.rng)
+  dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': dropout_key})
+    return jnp.mean(metrics_lib.cross_entropy(logits, batch['label'])), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, AXIS)
+  opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step_metrics = {
+      'train/loss': loss,
+      'train/top1_error': jnp.mean(metrics_lib.topk_errors(logits, batch['label'], 1)),
+      'train/top5_error': jnp.mean(metrics_lib.topk_errors(
+          logits, batch['label'], min(5, logits.shape[-1]))),
+      'train/grad_norm': optax.tree.norm(grads),
+  }
+  step_metrics = lax.pmean(step_metrics, AXIS)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
+              ) -> dict[str, jax.Array]:
+  """Sums of loss and top-1/top-5 errors over the real (mask=True) examples of a batch.
+
+  A batch of shape [B, 10, H, W, 3] is the paper's 10-crop test (§4.1): the softmax outputs of
+  the ten patches are averaged before the errors are counted.
+  """
+  images, labels = batch['image'], batch['label']
+  mask = batch['mask'].astype(jnp.float32)
+  if images.ndim == 5:
+    b, crops = images.shape[:2]
+    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]))
+    probs = jnp.mean(jax.nn.softmax(logits).reshape(b, crops, -1), axis=1)
+  else:
+    probs = jax.nn.softmax(model.apply({'params': params}, images))
+  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
+  sums = {
+      'loss': jnp.sum(nll * mask),
+      'top1_errors': jnp.sum(metrics_lib.topk_errors(probs, labels, 1) * mask),
+      'top5_errors': jnp.sum(metrics_lib.topk_errors(probs, labels,
+                                                     min(5, probs.shape[-1])) * mask),
+      'count': jnp.sum(mask),
+  }
+  return lax.psum(sums, AXIS)
+
+
+def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                       devices: list | None = None) -> Callable:
+  """train_step mapped over `devices` (default: all local ones); the state is donated."""
+  return jax.pmap(lambda s, b, lr: train_step(s, b, lr, model=model, tx=tx),
+                  axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+
+
+def pmapped_eval_step(model: nn.Module, devices: list | None = None) -> Callable:
+  """eval_step mapped over `devices` (default: all local ones)."""
+  return jax.pmap(lambda p, b: eval_step(p, b, model=model), axis_name=AXIS, devices=devices)
+
+
+def replicate(tree: Any, devices: list | None = None) -> Any:
+  """Copies a pytree to every device (default: local ones), with a leading device axis."""
+  devices = devices or jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a replicated pytree, as host NumPy arrays."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def shard(batch: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
+  """Reshapes a host batch [B, ...] to [n, B/n, ...] for pmap (n: local devices by default)."""
+  n = n or jax.local_device_count()
+
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f'a batch of {x.shape[0]} does not split over {n} local devices')
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+  return jax.tree_util.tree_map(split, batch)

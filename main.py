@@ -1,0 +1,43 @@
+"""Trains or evaluates AlexNet.
+
+  python main.py --config=configs/alexnet.py --workdir=runs/alexnet
+  python main.py --config=configs/digits.py --workdir=runs/digits
+  python main.py --config=configs/alexnet.py --workdir=runs/alexnet --mode=eval
+
+Every config field can be overridden on the command line, e.g. --config.batch_size=256.
+Rerunning a training command on the same workdir resumes from its latest checkpoint.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Keep TensorFlow's start-up noise quiet.
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from alexnet_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                  'train (resumes if the workdir has a checkpoint) or eval (a checkpoint).')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint --mode=eval uses.')
+config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  train.quiet_library_logs()
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+
+
+if __name__ == '__main__':
+  app.run(main)

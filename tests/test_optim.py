@@ -1,0 +1,112 @@
+"""The optimiser against a NumPy implementation of §5's update rule, and the two schedules."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import optim
+from configs import alexnet as alexnet_config
+
+
+def _config(**overrides):
+  c = alexnet_config.get_config()
+  c.update(overrides)
+  return c
+
+
+def _toy_problem():
+  """Least squares: L(w, b) = mean((X w + b - y)^2) / 2, with its gradient in closed form."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 5))
+  y = rng.normal(size=(32,))
+  params = {'w': rng.normal(size=(5,)), 'b': np.array(0.5)}
+
+  def grad(p):
+    r = x @ p['w'] + p['b'] - y
+    return {'w': x.T @ r / len(y), 'b': np.array(r.mean())}
+
+  return params, grad
+
+
+@pytest.mark.parametrize('lrs', [[0.01] * 6, [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]])
+def test_optimizer_follows_the_papers_update_rule(lrs):
+  params, grad = _toy_problem()
+  tx = optim.create_optimizer(_config())
+  jparams = jax.tree_util.tree_map(jnp.asarray, params)
+  state = tx.init(jparams)
+  # §5: v <- 0.9 v - 0.0005 e w - e g ; w <- w + v  (NumPy, float64).
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  w = {k: p.copy() for k, p in params.items()}
+  for lr in lrs:
+    g = grad(w)
+    v = {k: 0.9 * v[k] - 0.0005 * lr * w[k] - lr * g[k] for k in w}
+    w = {k: w[k] + v[k] for k in w}
+    jgrad = jax.tree_util.tree_map(jnp.asarray, grad(jax.tree_util.tree_map(np.asarray,
+                                                                            jparams)))
+    state = optim.with_learning_rate(state, lr)
+    updates, state = tx.update(jgrad, state, jparams)
+    jparams = optax.apply_updates(jparams, updates)
+  for k in w:
+    np.testing.assert_allclose(np.asarray(jparams[k]), w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_constant_rate_equals_optax_sgd_with_decayed_weights():
+  params, grad = _toy_problem()
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  ours = optim.create_optimizer(_config())
+  ref = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+  p1, p2, s1, s2 = params, params, ours.init(params), ref.init(params)
+  for _ in range(5):
+    u1, s1 = ours.update(jax.tree_util.tree_map(jnp.asarray, grad(p1)), s1, p1)
+    u2, s2 = ref.update(jax.tree_util.tree_map(jnp.asarray, grad(p2)), s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), p1, p2)
+
+
+def test_step_schedule_divides_by_ten_at_the_configured_epochs():
+  lr = optim.LearningRate(_config(lr_schedule='step', lr_decay_epochs=(2, 4)), steps_per_epoch=10)
+  assert lr.value(0) == pytest.approx(0.01)
+  assert lr.value(19) == pytest.approx(0.01)
+  assert lr.value(20) == pytest.approx(0.001)
+  assert lr.value(39) == pytest.approx(0.001)
+  assert lr.value(40) == pytest.approx(0.0001)
+  lr.observe(0.5)  # Validation errors do not move a step schedule.
+  assert lr.value(0) == pytest.approx(0.01)
+
+
+def test_plateau_schedule_divides_when_validation_error_stops_improving_three_times_at_most():
+  lr = optim.LearningRate(_config(lr_schedule='plateau', plateau_patience=2), steps_per_epoch=10)
+  assert lr.value(123) == pytest.approx(0.01)
+  seen = []
+  for err in [0.9, 0.8, 0.7, 0.7, 0.7, 0.65, 0.66, 0.66, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]:
+    lr.observe(err)
+    seen.append(lr.value(0))
+  # Patience 2: two evaluations without improvement divide the rate by 10.
+  assert seen[:4] == pytest.approx([0.01] * 4)
+  assert seen[4] == pytest.approx(0.001)  # 0.7 twice after the best 0.7
+  assert seen[7] == pytest.approx(0.0001)  # 0.66, 0.66 after 0.65
+  assert seen[10] == pytest.approx(0.00001)  # 0.6, 0.6 after 0.6
+  # §5: three reductions, no more.
+  assert seen[-1] == pytest.approx(0.00001)
+  assert lr.num_decays == 3
+
+
+def test_schedule_state_round_trips():
+  config = _config(lr_schedule='plateau', plateau_patience=1)
+  a = optim.LearningRate(config, 10)
+  for err in [0.5, 0.6]:
+    a.observe(err)
+  b = optim.LearningRate(config, 10)
+  b.restore(jax.tree_util.tree_map(np.asarray, a.state()))
+  assert b.value(0) == pytest.approx(a.value(0)) == pytest.approx(0.001)
+  b.observe(0.5)
+  a.observe(0.5)
+  assert b.value(0) == pytest.approx(a.value(0))
+
+
+def test_unknown_schedule_is_named():
+  with pytest.raises(ValueError, match='config.lr_schedule'):
+    optim.LearningRate(_config(lr_schedule='cosine'), 10)

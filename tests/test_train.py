@@ -1,0 +1,128 @@
+"""The training loop end to end: main.py, resume, signals, divergence and bad configs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpoints
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import models
+from alexnet_jax import optim
+from alexnet_jax import steps
+from alexnet_jax import train
+from configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  c = tiny.get_config()
+  c.update(overrides)
+  return c
+
+
+def _main(workdir, *flags, **popen):
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=' + os.path.join(
+      ROOT, 'configs', 'tiny.py'), f'--workdir={workdir}', *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
+
+
+def _final_params(workdir, config):
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
+  state = steps.create_train_state(models.create_model(config), optim.create_optimizer(config),
+                                   config.seed, config.image_size)
+  state = jax.tree_util.tree_map(np.asarray, state)
+  restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
+  manager.close()
+  return restored[0]
+
+
+def test_main_trains_evaluates_and_writes_its_files(tmp_path):
+  proc = _main(tmp_path, '--config.num_train_steps=2')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert 'step 2/2' in out and 'eval top-1 error' in out
+  records = metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
+  train_rec = [r for r in records if 'train/loss' in r]
+  eval_rec = [r for r in records if 'eval/top1_error' in r]
+  assert [r['step'] for r in train_rec] == [1, 2]
+  for key in ('train/loss', 'train/top1_error', 'lr', 'train/images_per_sec'):
+    assert key in train_rec[-1]
+  assert eval_rec[-1]['step'] == 2 and 0 <= eval_rec[-1]['eval/top5_error'] <= 1
+  assert (tmp_path / 'config.json').exists()
+  assert os.listdir(tmp_path / 'tensorboard')
+  assert os.path.isdir(tmp_path / 'checkpoints' / '2')
+  # The evaluation-only mode reads the checkpoint back.
+  proc = _main(tmp_path, '--mode=eval', '--checkpoint=latest')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert (tmp_path / 'eval_test_center_crop.json').exists()
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+  straight = _config(num_train_steps=4)
+  train.train_and_evaluate(straight, str(tmp_path / 'straight'))
+  interrupted = _config(num_train_steps=2)
+  train.train_and_evaluate(interrupted, str(tmp_path / 'resumed'))
+  assert _final_params(str(tmp_path / 'resumed'), interrupted).step == 2
+  train.train_and_evaluate(straight, str(tmp_path / 'resumed'))
+  a = _final_params(str(tmp_path / 'straight'), straight)
+  b = _final_params(str(tmp_path / 'resumed'), straight)
+  assert int(a.step) == int(b.step) == 4
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+  # The resumed run logged only the steps it ran.
+  steps_logged = [r['step'] for r in metrics_lib.read_jsonl(tmp_path / 'resumed' /
+                                                            'metrics.jsonl') if 'train/loss' in r]
+  assert steps_logged == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  proc = _main(tmp_path, '--config.num_train_steps=100000', '--config.log_every_steps=1')
+  lines = []
+  deadline = time.time() + 240
+  for line in proc.stdout:
+    lines.append(line)
+    if 'step 3/' in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  out = ''.join(lines) + rest
+  assert proc.returncode == 0, out
+  assert 'Stopped at step' in out
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert saved and 3 <= saved[-1] < 100000
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _config(learning_rate=1e8, num_train_steps=50, checkpoint_every_steps=1,
+                   log_every_steps=1000)
+  with pytest.raises(train.TrainingDivergedError, match='became (nan|inf|NaN)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert not saved or saved[-1] < 50
+  if saved:  # Any checkpoint written holds finite parameters.
+    state = _final_params(str(tmp_path), config)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', -128, 'positive'),
+    ('batch_size', 12, 'divide evenly over the 8 devices'),
+    ('eval_batch_size', 0, 'positive'),
+    ('dataset', 'imagenet2013', 'neither a TFDS dataset'),
+    ('model', 'resnet', 'unknown variant'),
+    ('lr_schedule', 'cosine', 'choose one of'),
+    ('image_size', 64, 'larger than the resized image'),
+])
+def test_bad_config_values_stop_before_any_work(tmp_path, field, value, message):
+  with pytest.raises(ValueError, match=f'config.{field}=.*{message}'):
+    train.train_and_evaluate(_config(**{field: value}), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
