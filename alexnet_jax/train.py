@@ -73,8 +73,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('weight_decay', 'must be non-negative')
   if config.lr_schedule not in optim.LR_SCHEDULES:
     fail('lr_schedule', f'choose one of {optim.LR_SCHEDULES}')
-  if config.mean not in ('image', 'channel'):
-    fail('mean', "choose 'image' (the paper's mean image) or 'channel'")
+  if config.mean not in ('image', 'channel', 'none'):
+    fail('mean', "choose 'image' (the paper's mean image), 'channel' or 'none'")
   if config.pca_lighting_scale not in ('paper', 'cuda_convnet'):
     fail('pca_lighting_scale', "choose 'paper' or 'cuda_convnet'")
   if config.dataset not in BUILTIN_SOURCES:

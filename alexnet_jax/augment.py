@@ -1,0 +1,121 @@
+"""The paper's data augmentation (§4.1) as pure TensorFlow functions of an image and a key.
+
+Every random choice comes from a `tf.random.stateless_*` op keyed by an explicit seed, so the
+same key always gives the same crop, flip and colour shift; `input_pipeline` derives the key from
+(config.seed, epoch, position in the epoch), which is what makes training resumable exactly.
+
+Images are float32 [H, W, 3] on the paper's 0..255 pixel scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+# The pixel scale the paper works on: 8-bit RGB values, 0..255.
+PIXEL_MAX = 255.0
+
+# §4.1: PCA of the RGB pixel values of the ImageNet training set, on a 0..1 pixel scale. The paper
+# gives no numbers; these are the widely quoted published ImageNet values (fb.resnet.torch's
+# ImageNet PCA, listed in ../shared/PAPER.md under §4.1). Eigenvalues in decreasing order; the
+# eigenvectors are the COLUMNS, rows are R, G, B. `config.pca_file` (an .npz with 'eigval' and
+# 'eigvec', e.g. written by `python -m alexnet_jax.data_stats`) replaces them.
+IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
+IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                                [-0.5808, -0.0045, -0.8140],
+                                [-0.5836, -0.6948, 0.4203]], np.float32)
+
+# How `pca_lighting` turns the eigenvalues into a per-image RGB offset (config.pca_lighting_scale).
+LIGHTING_SCALES = ('paper', 'cuda_convnet')
+
+# Order of the ten test crops (§4.1): the five patches, then the same five mirrored.
+TEN_CROP_ORDER = ('top_left', 'top_right', 'bottom_left', 'bottom_right', 'centre',
+                  'top_left_mirrored', 'top_right_mirrored', 'bottom_left_mirrored',
+                  'bottom_right_mirrored', 'centre_mirrored')
+
+
+def split_key(key: tf.Tensor, num: int) -> tf.Tensor:
+  """`num` independent stateless seeds ([num, 2]) derived from one seed [2]."""
+  return tf.random.experimental.stateless_split(key, num)
+
+
+def crop(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) -> tf.Tensor:
+  """The size x size patch of `image` whose top-left pixel is (top, left)."""
+  patch = image[top:top + size, left:left + size, :]
+  return tf.ensure_shape(patch, [size, size, image.shape[-1]])
+
+
+def random_crop(image: tf.Tensor, size: int, key: tf.Tensor) -> tf.Tensor:
+  """§4.1: a size x size patch at a uniformly random position inside `image`.
+
+  Every one of the (H - size + 1) x (W - size + 1) positions is equally likely, so the patch is
+  always entirely inside the image (the paper's 224 patches of 256 images: 33 x 33 positions).
+  """
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  # maxval is exclusive: offsets 0..H-size inclusive.
+  top = tf.random.stateless_uniform([], key, minval=0, maxval=height - size + 1, dtype=tf.int32)
+  left_key = tf.random.experimental.stateless_fold_in(key, 1)
+  left = tf.random.stateless_uniform([], left_key, minval=0, maxval=width - size + 1,
+                                     dtype=tf.int32)
+  return crop(image, top, left, size)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central size x size patch (the single-crop test patch); rounds the offset down."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  return crop(image, (height - size) // 2, (width - size) // 2, size)
+
+
+def horizontal_flip(image: tf.Tensor) -> tf.Tensor:
+  """§4.1's horizontal reflection: column j becomes column W-1-j."""
+  return image[:, ::-1, :]
+
+
+def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+  """§4.1: the horizontal reflection with probability 1/2."""
+  flip = tf.random.stateless_uniform([], key) < 0.5
+  return tf.cond(flip, lambda: horizontal_flip(image), lambda: image)
+
+
+def lighting_offset(key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor, std: float,
+                    scale: str) -> tf.Tensor:
+  """§4.1's RGB offset [3] for one image: P @ (a * lambda) with a ~ N(0, std), on 0..255.
+
+  Args:
+    key: stateless seed [2]; one draw of `a` per image each time it is used.
+    eigval: [3] eigenvalues of the RGB covariance on a 0..1 pixel scale.
+    eigvec: [3, 3] eigenvectors as columns (rows R, G, B).
+    std: the standard deviation of a_i (§4.1: 0.1).
+    scale: 'paper': the formula as written with 0..1 eigenvalues, the result times 255.
+      'cuda_convnet': P @ (a * sqrt(lambda_255)) with lambda_255 = lambda * 255**2, the
+      eigenvalues on the 0..255 scale, as Krizhevsky's cuda-convnet2 code did.
+  """
+  eigval = tf.cast(eigval, tf.float32)
+  eigvec = tf.cast(eigvec, tf.float32)
+  alpha = tf.random.stateless_normal([3], key, stddev=std)
+  if scale == 'paper':
+    weights = alpha * eigval * PIXEL_MAX
+  elif scale == 'cuda_convnet':
+    weights = alpha * tf.sqrt(eigval * PIXEL_MAX**2)
+  else:
+    raise ValueError(f'pca_lighting_scale={scale!r}; expected one of {LIGHTING_SCALES}.')
+  return tf.linalg.matvec(eigvec, weights)
+
+
+def pca_lighting(image: tf.Tensor, key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor,
+                 std: float, scale: str) -> tf.Tensor:
+  """§4.1's PCA colour augmentation: add the same `lighting_offset` to every pixel."""
+  return image + lighting_offset(key, eigval, eigvec, std, scale)
+
+
+def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """§4.1's ten test patches [10, size, size, 3], in the order of `TEN_CROP_ORDER`.
+
+  The four corner patches and the central patch, then each of those five mirrored
+  horizontally (the mirror of a patch, not the patch of the mirrored image).
+  """
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  bottom, right = height - size, width - size
+  five = [crop(image, 0, 0, size), crop(image, 0, right, size), crop(image, bottom, 0, size),
+          crop(image, bottom, right, size), center_crop(image, size)]
+  return tf.stack(five + [horizontal_flip(patch) for patch in five])

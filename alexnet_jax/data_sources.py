@@ -1,0 +1,339 @@
+"""Where examples come from: a TFDS dataset, a folder of images, scikit-learn's digits, synthetic.
+
+Every source ends in the same thing, §2's "square" image: the short side rescaled to
+`config.resize_size` and the central resize_size x resize_size patch kept, float32 RGB on a
+0..255 scale. `input_pipeline` does the rest (mean, crops, flips, lighting, batching).
+
+Two kinds of split:
+- `IndexedSplit`: examples readable in any order by index (folder, digits, a TFDS split held in
+  memory when config.cache is set). Training draws an exact per-epoch permutation.
+- `StreamSplit`: a TFDS split read from its files in a fixed order (ImageNet); training shuffles
+  it with a seeded shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+from absl import logging
+import numpy as np
+
+# Keep TensorFlow quiet and off the accelerators: JAX owns the GPU, tf.data only uses the CPU.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised its devices (someone imported and used it first).
+  logging.warning('TensorFlow was initialised before alexnet_jax.data_sources; it may hold GPUs.')
+tfds.disable_progress_bar()
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # 'folder' source, compared case-insensitively.
+IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+# §2: ILSVRC-2012's split sizes; 'synthetic' data pretends to be this big so that steps per epoch
+# (and so learning-rate schedules) match the paper run.
+SYNTHETIC_NUM_TRAIN = 1_281_167
+SYNTHETIC_NUM_EVAL = 50_000
+# scikit-learn digits: pixel values 0..16; a fixed stratified split of the 1,797 images.
+DIGITS_MAX_VALUE = 16.0
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+  """The data the config asks for is missing or unusable; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the training loop needs to know about the dataset before reading it."""
+  num_classes: int
+  num_train: int  # examples (for 'folder': image files) in config.train_split
+  num_eval: int  # examples in config.eval_split
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSplit:
+  """A split whose examples can be read in any order by index."""
+  labels: np.ndarray  # int32 [n]
+  load: Callable[[tf.Tensor], tf.Tensor]  # int64 index -> square float32 image; may raise
+  describe: Callable[[int], str]  # index -> where the example lives, for log messages
+  may_fail: bool  # whether `load` can raise for some indices (unreadable files)
+  location: str  # where the split lives, for error messages
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSplit:
+  """A split read sequentially in a fixed order: {'image': encoded bytes, 'label'} records."""
+  num_examples: int
+  # (process_index, process_count) -> this process's share, always in the same order.
+  records: Callable[[int, int], tf.data.Dataset]
+  decode: Callable[[tf.Tensor], tf.Tensor]  # encoded bytes -> square float32 image
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSplit:
+  """Random images and labels, nothing to decode: for benchmarks of the training loop."""
+  num_examples: int
+  num_classes: int
+
+
+Split = IndexedSplit | StreamSplit | SyntheticSplit
+
+
+def decode_center_square(encoded: tf.Tensor, resize_size: int,
+                         antialias: bool = True) -> tf.Tensor:
+  """§2: decode, keep the central square (side = short side), resize it to resize_size.
+
+  Keeping the central min(H, W) square and then resizing equals rescaling the short side to
+  resize_size and cropping the central patch, up to sub-pixel rounding of the window. For JPEGs
+  only that window is decoded (`decode_and_crop_jpeg`, with the window computed from the header),
+  which skips the discarded quarter of a 4:3 image. Bilinear resizing with antialiasing, because
+  most ImageNet images shrink (500x375 -> 256) and some by large factors, where plain bilinear
+  sampling aliases (Krizhevsky's own preprocessing resized with a filtering resampler too).
+  Antialiasing about doubles the decode-and-resize time per image (3.5 against 1.6 ms for a
+  500x375 JPEG on one core, measured); antialias=False trades that aliasing for speed. For
+  500x375 photographs the fused crop saved little in the same measurement: entropy decoding,
+  which cannot skip columns, dominates. Any other format (PNG, GIF, BMP; grey or RGBA) goes
+  through `decode_image`.
+
+  Returns:
+    float32 [resize_size, resize_size, 3] on a 0..255 scale.
+  """
+
+  def square_window(height, width):
+    side = tf.minimum(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    top, left, side = square_window(shape[0], shape[1])
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, side, side]), channels=3)
+
+  def other():
+    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    top, left, side = square_window(tf.shape(image)[0], tf.shape(image)[1])
+    return image[top:top + side, left:left + side, :]
+
+  square = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  square = tf.ensure_shape(square, [None, None, 3])
+  return tf.image.resize(square, [resize_size, resize_size], method='bilinear',
+                         antialias=antialias)
+
+
+def _decoder(config) -> Callable[[tf.Tensor], tf.Tensor]:
+  """decode_center_square with the config's resize_size (and antialias choice)."""
+  return functools.partial(decode_center_square, resize_size=config.resize_size,
+                           antialias=config.get('resize_antialias', True))
+
+
+# ---------------------------------------------------------------------------- TFDS datasets
+
+
+def _data_dir(config) -> str | None:
+  return os.path.expanduser(config.data_dir) if config.data_dir else None
+
+
+def _check_imagenet_manual_files(builder, config) -> None:
+  """Raises `DataError` naming the ImageNet tar files and where TFDS expects them."""
+  root = _data_dir(config) or os.path.expanduser(
+      os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+  manual_dir = os.path.join(root, 'downloads', 'manual')
+  missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.exists(os.path.join(manual_dir, f))]
+  if missing:
+    raise DataError(
+        f'{builder.name} is not prepared in {root} and the manual-download files '
+        f'{", ".join(missing)} are missing from {manual_dir}/. ImageNet cannot be downloaded '
+        f'automatically: register at https://image-net.org/download-images, download '
+        f'{" and ".join(IMAGENET_MANUAL_FILES)}, put them in <data_dir>/downloads/manual/ and '
+        f'pass --config.data_dir=<data_dir> (now {config.data_dir!r}). Or point '
+        f'--config.dataset=folder --config.data_dir=ROOT at JPEGs in ROOT/<split>/<class>/.')
+
+
+def tfds_builder(config):
+  """The prepared TFDS builder for config.dataset (prepares it if it can be downloaded)."""
+  builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
+  if not builder.is_prepared():
+    if builder.name == 'imagenet2012':
+      _check_imagenet_manual_files(builder, config)
+      logging.warning('Preparing imagenet2012 from the tar files: this takes hours, once.')
+    builder.download_and_prepare()
+  return builder
+
+
+def _tfds_num_examples(builder, split: str) -> int:
+  try:
+    return builder.info.splits[split].num_examples
+  except KeyError:  # split sizes unknown (e.g. tfds.testing.mock_data): count the records.
+    ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+    count = int(ds.cardinality())
+    return count if count >= 0 else int(ds.reduce(0, lambda n, _: n + 1))
+
+
+def _tfds_records(builder, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+  """This process's share of a TFDS split, encoded, in the same order on every call."""
+  if process_count > 1:  # contiguous, near-equal slices (sizes differ by at most one)
+    split = tfds.split_for_jax_process(split, process_index=process_index,
+                                       process_count=process_count)
+  # Files in their stored order: the order must not change between calls (exact resume);
+  # TFDS shuffled the examples once when it wrote them, and the trainer shuffles on top.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds_in_memory(name: str, data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """All encoded images and labels of a (small) TFDS split, for config.cache."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  images, labels = [], []
+  for ex in _tfds_records(builder, split, 0, 1).batch(1024).as_numpy_iterator():
+    images.extend(ex['image'])
+    labels.append(ex['label'])
+  logging.info('Holding %d encoded images of %s[%s] in memory (config.cache).', len(images),
+               name, split)
+  return np.array(images, dtype=object), np.concatenate(labels).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def _split_dir(config, split: str) -> str:
+  path = os.path.join(_data_dir(config) or '', split)
+  if not config.data_dir or not os.path.isdir(path):
+    raise DataError(f"dataset='folder' expects images in <data_dir>/{split}/<class>/*.jpg; "
+                    f'{path!r} is not a directory (--config.data_dir={config.data_dir!r}).')
+  return path
+
+
+@functools.lru_cache(maxsize=8)
+def _list_folder(split_dir: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+  """(class folder names, sorted (path, class name) pairs) of one split folder."""
+  classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+  files = []
+  for name in classes:
+    for root, _, filenames in os.walk(os.path.join(split_dir, name)):
+      files.extend((os.path.join(root, f), name) for f in filenames
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+  files.sort()
+  if not files:
+    raise DataError(f'No images ({"/".join(IMAGE_EXTENSIONS)}) in {split_dir}/<class>/: '
+                    f'the folder has no usable images.')
+  return classes, tuple(files)
+
+
+def folder_class_names(config) -> tuple[str, ...]:
+  """Class names of the 'folder' source: the sorted folder names of the train split."""
+  return _list_folder(_split_dir(config, config.train_split))[0]
+
+
+def _folder_split(config, split: str) -> IndexedSplit:
+  classes = folder_class_names(config)
+  _, files = _list_folder(_split_dir(config, split))
+  class_index = {name: i for i, name in enumerate(classes)}
+  unknown = sorted({c for _, c in files if c not in class_index})
+  if unknown:
+    raise DataError(f'Classes {unknown[:5]} of split {split!r} are not folders of the train '
+                    f'split {config.train_split!r} in {config.data_dir}.')
+  paths = tf.constant([p for p, _ in files])
+  decode = _decoder(config)
+
+  def load(index):
+    return decode(tf.io.read_file(tf.gather(paths, index)))
+
+  return IndexedSplit(labels=np.array([class_index[c] for _, c in files], np.int32), load=load,
+                      describe=lambda i: files[i][0], may_fail=True,
+                      location=_split_dir(config, split))
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=4)
+def digits_arrays(resize_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """scikit-learn's 1,797 digits as {'train', 'test'}: (uint8 [n, R, R, 3], int32 [n]).
+
+  A fixed stratified split (1,437 / 360). Values 0..16 are scaled to 0..255 and the grey
+  replicated to RGB; the 8x8 images are upscaled with nearest-neighbour interpolation, which for
+  the integer factor of the quick-start config (8 -> 32) replicates each pixel into a 4x4 block:
+  no grey levels are invented and random crops shift the digit by whole quarter-pixels.
+  """
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8)
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(
+      images, digits.target, test_size=DIGITS_TEST_SIZE, stratify=digits.target,
+      random_state=DIGITS_SPLIT_SEED)
+
+  def to_square(x):
+    rgb = np.repeat(x[..., None], 3, axis=-1)
+    resized = tf.image.resize(rgb, [resize_size, resize_size], method='nearest')
+    return resized.numpy().astype(np.uint8)
+
+  return {'train': (to_square(train_x), train_y.astype(np.int32)),
+          'test': (to_square(test_x), test_y.astype(np.int32))}
+
+
+# ---------------------------------------------------------------------------- all sources
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Number of classes, split sizes and class names of config.dataset."""
+  if config.dataset == 'synthetic':
+    return DatasetInfo(config.num_classes, SYNTHETIC_NUM_TRAIN, SYNTHETIC_NUM_EVAL,
+                       tuple(str(i) for i in range(config.num_classes)))
+  if config.dataset == 'digits':
+    arrays = digits_arrays(config.resize_size)
+    sizes = [len(_digits_split(arrays, s)[1]) for s in (config.train_split, config.eval_split)]
+    return DatasetInfo(10, sizes[0], sizes[1], tuple(str(i) for i in range(10)))
+  if config.dataset == 'folder':
+    classes = folder_class_names(config)
+    sizes = [len(_list_folder(_split_dir(config, s))[1])
+             for s in (config.train_split, config.eval_split)]
+    return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
+  builder = tfds_builder(config)
+  label = builder.info.features['label']
+  return DatasetInfo(label.num_classes, _tfds_num_examples(builder, config.train_split),
+                     _tfds_num_examples(builder, config.eval_split), tuple(label.names))
+
+
+def _digits_split(arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
+  if split not in arrays:
+    raise DataError(f"dataset='digits' has splits {sorted(arrays)}; got split={split!r}.")
+  return arrays[split]
+
+
+def open_split(config, split: str) -> Split:
+  """The examples of `split` of config.dataset, ready to be read by index or as a stream."""
+  if config.dataset == 'synthetic':
+    info = dataset_info(config)
+    n = info.num_train if split == config.train_split else info.num_eval
+    return SyntheticSplit(num_examples=n, num_classes=config.num_classes)
+  if config.dataset == 'digits':
+    images, labels = _digits_split(digits_arrays(config.resize_size), split)
+    images = tf.constant(images)
+    return IndexedSplit(labels=labels,
+                        load=lambda i: tf.cast(tf.gather(images, i), tf.float32),
+                        describe=lambda i: f'digits[{split}][{i}]', may_fail=False,
+                        location=f'digits[{split}]')
+  if config.dataset == 'folder':
+    return _folder_split(config, split)
+  builder = tfds_builder(config)
+  decode = _decoder(config)
+  if config.cache:  # small dataset: exact permutations from an in-memory copy.
+    encoded, labels = _tfds_in_memory(config.dataset, _data_dir(config), split)
+    encoded = tf.constant(encoded)
+    return IndexedSplit(labels=labels, load=lambda i: decode(tf.gather(encoded, i)),
+                        describe=lambda i: f'{config.dataset}[{split}][{i}]', may_fail=False,
+                        location=f'{config.dataset}[{split}]')
+  return StreamSplit(num_examples=_tfds_num_examples(builder, split),
+                     records=functools.partial(_tfds_records, builder, split), decode=decode)

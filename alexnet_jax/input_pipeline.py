@@ -1,0 +1,386 @@
+"""The tf.data input pipeline: §2's preprocessing and §4.1's augmentation, batched per process.
+
+Training (`train_iterator`) is a pure function of (config.seed, global step): the example at
+position g of epoch e is chosen by a permutation seeded with (seed, e), and its crop, flip and
+colour shift by stateless random ops keyed on (seed, e, g). Resuming at step t therefore only
+needs t: the pipeline starts at the right epoch, skips to the offset inside it before anything is
+decoded, and yields exactly the batches an uninterrupted run would have (no iterator
+checkpoints, no stateful RNG).
+
+- Sources read by index (folder, digits, TFDS with config.cache): an exact permutation of the
+  whole split per epoch.
+- TFDS streams (ImageNet): the records in their stored order (TFDS shuffled them once when it
+  wrote them) through a shuffle buffer of config.shuffle_buffer seeded with (seed, e); the skip
+  reads encoded records but decodes none.
+
+Unreadable images ('folder' only; TFDS validated its images when it wrote them) never end a run.
+Training: a position whose image cannot be decoded takes the next example of the epoch's order
+instead (up to `FALLBACK_CANDIDATES` tries), so every batch is full and the position -> example
+map stays a function of (seed, e, g): resume stays exact. Evaluation: unreadable images are left
+out and logged with their paths; the accuracy is over the readable ones (masks), and DatasetInfo's
+counts are of files, since reading every header up front would take too long for 1.2 M images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterator
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax import augment
+from alexnet_jax import data_sources
+from alexnet_jax import data_stats
+from alexnet_jax.data_sources import DataError, DatasetInfo  # pylint: disable=unused-import
+
+# Tries per training position for sources with unreadable files: the image at the position and
+# then the following ones in the epoch's order. Eight unreadable images in a row of a shuffled
+# order means the folder is mostly broken; that position is then dropped (and the batch filled
+# from the next positions, which shifts that epoch's remaining batches).
+FALLBACK_CANDIDATES = 8
+PADDING_LABEL = 0  # label of the padding examples of the last eval batch (mask False).
+CLASSES_FILENAME = 'classes.json'  # in the workdir: class name -> label.
+_FOREVER = 2**62  # epochs
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  """Classes and split sizes of config.dataset; checks they fit config.num_classes."""
+  info = data_sources.dataset_info(config)
+  if info.num_classes > config.num_classes:
+    raise DataError(f'{config.dataset!r} has {info.num_classes} classes but config.num_classes='
+                    f'{config.num_classes}: set --config.num_classes={info.num_classes}.')
+  if info.num_classes < config.num_classes:
+    logging.warning('%s has %d classes; the model has config.num_classes=%d outputs.',
+                    config.dataset, info.num_classes, config.num_classes)
+  return info
+
+
+def steps_per_epoch(config, info: DatasetInfo) -> int:
+  """Training steps in one epoch: num_train // batch_size (the last partial batch is dropped)."""
+  steps = info.num_train // config.batch_size
+  if steps < 1:
+    raise DataError(f'The train split has {info.num_train} examples, fewer than one batch of '
+                    f'config.batch_size={config.batch_size}.')
+  return steps
+
+
+def _per_process(batch_size: int, name: str) -> int:
+  if batch_size % jax.process_count():
+    raise ValueError(f'config.{name}={batch_size} is not divisible by the '
+                     f'{jax.process_count()} processes.')
+  return batch_size // jax.process_count()
+
+
+def _eval_batches(num_examples: int, config) -> int:
+  per_process = math.ceil(num_examples / jax.process_count())
+  return max(1, math.ceil(per_process / _per_process(config.eval_batch_size, 'eval_batch_size')))
+
+
+def num_eval_batches(config, info: DatasetInfo) -> int:
+  """Batches per process of one pass over config.eval_split (the same on every process)."""
+  return _eval_batches(info.num_eval, config)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # parallel maps keep their order: needed for exact resume.
+  # Sequential maps stay sequential: the fallback loader must not decode spare candidates ahead.
+  options.experimental_optimization.map_parallelization = False
+  return options
+
+
+def _mean(config, workdir: str | None) -> np.ndarray | None:
+  """What §2 subtracts from every square image: the mean image [R, R, 3] or RGB mean [1, 1, 3]."""
+  if config.mean in (None, 'none') or config.dataset == 'synthetic':
+    return None
+  stats = data_stats.get_stats(config, workdir)
+  if config.mean == 'channel':
+    return np.asarray(stats['rgb_mean'], np.float32).reshape(1, 1, 3)
+  if config.mean != 'image':
+    raise ValueError(f"config.mean={config.mean!r}; expected 'image', 'channel' or None.")
+  mean_image = np.asarray(stats['mean_image'], np.float32)
+  size = config.resize_size
+  if mean_image.shape != (size, size, 3):
+    raise DataError(f'The mean image is {mean_image.shape}, config.resize_size is {size}: '
+                    f'recompute it (python -m alexnet_jax.data_stats) or fix config.stats_file.')
+  return mean_image
+
+
+def _pca(config) -> tuple[np.ndarray, np.ndarray]:
+  if config.pca_file:
+    stats = data_stats.load_stats(config.pca_file)
+    return np.asarray(stats['eigval'], np.float32), np.asarray(stats['eigvec'], np.float32)
+  return augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
+
+
+def _write_classes(config, workdir: str | None, info: DatasetInfo) -> None:
+  """Saves class name -> label in the workdir; refuses a workdir whose classes differ."""
+  if not workdir:
+    return
+  path = os.path.join(workdir, CLASSES_FILENAME)
+  mapping = {name: label for label, name in enumerate(info.class_names)}
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) != mapping:
+        raise DataError(f'The classes of {config.dataset!r} differ from {path}, which an earlier '
+                        f'run wrote: the labels would change meaning. Use a new workdir.')
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(mapping, f, indent=0)
+    os.replace(path + '.tmp', path)
+
+
+def _check_usable(split: data_sources.IndexedSplit) -> None:
+  """Raises DataError if not a single image of a split with unreadable files decodes."""
+  if not split.may_fail:
+    return
+  probe = tf.data.Dataset.range(split.num_examples).map(split.load).ignore_errors().take(1)
+  if not list(probe):
+    raise DataError(f'None of the {split.num_examples} images in {split.location} can be '
+                    f'decoded: the folder has no usable images.')
+
+
+def _synthetic_batch(config, batch: int, seed: int) -> dict[str, np.ndarray]:
+  key = tf.constant([config.seed, seed], tf.int64)
+  size = config.image_size
+  # Zero-mean values of the scale of mean-subtracted pixels.
+  image = tf.random.stateless_uniform([batch, size, size, 3], key, -augment.PIXEL_MAX / 2,
+                                      augment.PIXEL_MAX / 2)
+  label = tf.random.stateless_uniform([batch], key, 0, config.num_classes, dtype=tf.int32)
+  return {'image': image.numpy(), 'label': label.numpy()}
+
+
+def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Dataset:
+  """{'epoch', 'position', ...} of this process's training examples from start_step on.
+
+  `position` is the index in the epoch of the global batch order: global step k holds positions
+  [k * B, (k + 1) * B), and process p takes [k * B + p * b, k * B + (p + 1) * b).
+  """
+  global_batch = config.batch_size
+  b = _per_process(global_batch, 'batch_size')
+  p = jax.process_index()
+  start_epoch, start_offset = divmod(start_step, steps)
+  seed = tf.constant(config.seed, tf.int64)
+
+  def position(local):  # local index in this process's share of the epoch -> global position
+    return (local // b) * global_batch + p * b + local % b
+
+  def skip(epoch):  # skip to the resume step, within the first epoch only
+    return tf.where(epoch == start_epoch, np.int64(start_offset * b), np.int64(0))
+
+  if isinstance(split, data_sources.IndexedSplit):
+    n = split.num_examples
+    tries = FALLBACK_CANDIDATES if split.may_fail else 1
+
+    def epoch_positions(epoch):
+      order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                       seed=tf.stack([seed, epoch]))
+
+      def candidates(local):  # the example at the position, then the following ones
+        pos = position(local)
+        following = (pos + tf.range(tries, dtype=tf.int64)) % n
+        return {'epoch': epoch, 'position': pos, 'candidates': tf.gather(order, following)}
+
+      return tf.data.Dataset.range(skip(epoch), steps * b).map(candidates)
+  else:
+    records = split.records(p, jax.process_count())
+
+    def epoch_positions(epoch):
+      shuffle_seed = tf.random.stateless_uniform([], tf.stack([seed, epoch]), minval=None,
+                                                 maxval=None, dtype=tf.int64)
+      ds = records.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(steps * b).enumerate()
+
+      def with_position(local, ex):
+        return {'epoch': epoch, 'position': position(local), 'encoded': ex['image'],
+                'label': ex['label']}
+
+      return ds.skip(skip(epoch)).map(with_position)
+
+  return tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch_positions)
+
+
+def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Adds the square 'image' and 'label' to each position (and 'primary', 'attempt' for logs)."""
+  if isinstance(split, data_sources.StreamSplit):
+
+    def decode(el):
+      return {'epoch': el['epoch'], 'position': el['position'],
+              'image': split.decode(el['encoded']), 'label': el['label']}
+
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  labels = tf.constant(split.labels)
+
+  def load(index, attempt):
+    return {'image': split.load(index), 'label': tf.gather(labels, index), 'attempt': attempt}
+
+  def first(el):
+    return {**load(el['candidates'][0], 0), 'epoch': el['epoch'], 'position': el['position']}
+
+  def first_readable(el):
+    candidates = el['candidates']
+    tries = tf.data.Dataset.from_tensor_slices((candidates, tf.range(tf.size(candidates))))
+    # Lazily, in order: the next candidate is decoded only if the previous one raised.
+    tries = tries.map(load).ignore_errors().take(1)
+    return tries.map(lambda ex: {**ex, 'epoch': el['epoch'], 'position': el['position'],
+                                 'primary': candidates[0]})
+
+  if split.may_fail:
+    # Parallel over positions; with one output per position the deterministic interleave keeps
+    # the positions' order. In a short run on 2 cores it was within noise of the plain map
+    # (no spare candidates are decoded ahead: see _options).
+    return ds.interleave(first_readable, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
+  return ds.map(first, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _train_augment(config, mean: np.ndarray | None):
+  """(square image, key) -> §4.1's training patch, minus the mean."""
+  eigval, eigvec = _pca(config)
+  if config.pca_lighting_scale not in augment.LIGHTING_SCALES:
+    raise ValueError(f'config.pca_lighting_scale={config.pca_lighting_scale!r}; expected one of '
+                     f'{augment.LIGHTING_SCALES}.')
+
+  def fn(square, key):
+    # §2: the mean is subtracted from the square image, then patches are cut from the result.
+    image = square - mean if mean is not None else square
+    crop_key, flip_key, lighting_key = tf.unstack(augment.split_key(key, 3))
+    if config.random_crop:
+      image = augment.random_crop(image, config.image_size, crop_key)
+    else:
+      image = augment.center_crop(image, config.image_size)
+    if config.random_flip:
+      image = augment.random_flip(image, flip_key)
+    if config.pca_lighting:
+      image = augment.pca_lighting(image, lighting_key, eigval, eigvec,
+                                   config.pca_lighting_std, config.pca_lighting_scale)
+    return image
+
+  return fn
+
+
+def train_iterator(config, *, start_step: int = 0,
+                   workdir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of every global training batch from `start_step` on, forever.
+
+  Yields {'image': float32 [batch_size // process_count, S, S, 3], 'label': int32 [b]}, with
+  S = config.image_size, pixels on 0..255 minus the mean. The batch at global step t depends only
+  on (config, t): starting at start_step=t gives what an iterator started at 0 gives after t
+  batches. `workdir` caches the data statistics and records the class names.
+  """
+  info = get_dataset_info(config)
+  steps = steps_per_epoch(config, info)
+  b = _per_process(config.batch_size, 'batch_size')
+  _write_classes(config, workdir, info)
+  split = data_sources.open_split(config, config.train_split)
+  if isinstance(split, data_sources.SyntheticSplit):
+    return _repeat(_synthetic_batch(config, b, jax.process_index()))
+  if isinstance(split, data_sources.IndexedSplit):
+    _check_usable(split)
+  augment_fn = _train_augment(config, _mean(config, workdir))
+  seed = tf.constant(config.seed, tf.int64)
+
+  def preprocess(el):
+    key = tf.random.experimental.stateless_fold_in(tf.stack([seed, el['epoch']]), el['position'])
+    out = {'image': augment_fn(el['image'], key), 'label': el['label']}
+    if 'primary' in el:
+      out.update(primary=el['primary'], attempt=el['attempt'])
+    return out
+
+  ds = _load_train(split, _train_positions(config, split, start_step, steps))
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _log_unreadable_train(ds, split)
+
+
+def _repeat(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+  while True:
+    yield batch
+
+
+def _log_unreadable_train(ds: tf.data.Dataset, split) -> Iterator[dict[str, np.ndarray]]:
+  unreadable = set()
+  for batch in ds.as_numpy_iterator():
+    if 'attempt' in batch:
+      for primary in batch.pop('primary')[batch.pop('attempt') > 0]:
+        path = split.describe(int(primary))
+        if path not in unreadable:
+          unreadable.add(path)
+          logging.warning('Unreadable image skipped (%d so far): %s; the next example of the '
+                          'epoch took its place.', len(unreadable), path)
+    yield batch
+
+
+def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
+                  workdir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over an evaluation split: every example once over all processes.
+
+  Yields {'image': float32 [b, S, S, 3] (central patch) or [b, 10, S, S, 3] (§4.1's ten patches
+  in `augment.TEN_CROP_ORDER`), 'label': int32 [b], 'mask': bool [b]} with b = eval_batch_size //
+  process_count. The last batch is padded (mask False) and every process yields the same number
+  of batches. Unreadable images ('folder') are left out and logged, with their paths, at the end.
+  """
+  name = split or config.eval_split
+  info = get_dataset_info(config)
+  _write_classes(config, workdir, info)
+  source = data_sources.open_split(config, name)
+  b = _per_process(config.eval_batch_size, 'eval_batch_size')
+  num_batches = _eval_batches(source.num_examples, config)
+  size, p, num_processes = config.image_size, jax.process_index(), jax.process_count()
+  image_shape = [10, size, size, 3] if ten_crop else [size, size, 3]
+  if isinstance(source, data_sources.SyntheticSplit):
+    return _synthetic_eval(source, b, image_shape, num_batches)
+  mean = _mean(config, workdir)
+
+  def preprocess(square, label, index):
+    image = square - mean if mean is not None else square
+    image = augment.ten_crop(image, size) if ten_crop else augment.center_crop(image, size)
+    return {'image': image, 'label': label, 'index': index, 'mask': True}
+
+  if isinstance(source, data_sources.IndexedSplit):
+    _check_usable(source)
+    labels = tf.constant(source.labels)
+    assigned = np.arange(p, source.num_examples, num_processes)
+    ds = tf.data.Dataset.from_tensor_slices(assigned).map(
+        lambda i: preprocess(source.load(i), tf.gather(labels, i), i),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    if source.may_fail:
+      ds = ds.ignore_errors()
+  else:
+    ds = source.records(p, num_processes).enumerate().map(
+        lambda i, ex: preprocess(source.decode(ex['image']), ex['label'], i),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(image_shape), 'label': tf.constant(PADDING_LABEL, tf.int32),
+      'index': tf.constant(-1, tf.int64), 'mask': False}).repeat()
+  ds = ds.concatenate(padding).take(num_batches * b).batch(b)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _log_unreadable_eval(ds, source, assigned if isinstance(
+      source, data_sources.IndexedSplit) else None)
+
+
+def _synthetic_eval(source, b: int, image_shape: list[int],
+                    num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+  images = np.zeros([b] + image_shape, np.float32)
+  positions = jax.process_index() + jax.process_count() * np.arange(num_batches * b)
+  for k in range(num_batches):
+    mask = positions[k * b:(k + 1) * b] < source.num_examples
+    yield {'image': images, 'label': np.zeros([b], np.int32), 'mask': mask}
+
+
+def _log_unreadable_eval(ds: tf.data.Dataset, source,
+                         assigned: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
+  seen = []
+  for batch in ds.as_numpy_iterator():
+    seen.append(batch.pop('index')[batch['mask']])
+    yield batch
+  if isinstance(source, data_sources.IndexedSplit) and source.may_fail:
+    skipped = np.setdiff1d(assigned, np.concatenate(seen))
+    if len(skipped):
+      logging.warning('Evaluation on %s left out %d unreadable images: %s', source.location,
+                      len(skipped), ', '.join(source.describe(int(i)) for i in skipped))

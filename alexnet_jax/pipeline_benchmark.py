@@ -1,0 +1,135 @@
+"""Input-pipeline throughput: the paper's training preprocessing on a folder of real-size JPEGs.
+
+  python -m alexnet_jax.pipeline_benchmark --num_images=512 --batches=20 [--dir=bench_data]
+
+Writes `num_images` JPEGs of ImageNet-like sizes (about 500x375, some portrait, some larger) with
+smooth, natural-looking content into --dir (reused if it already holds them; a temporary folder
+by default), then times `input_pipeline.train_iterator` with configs/alexnet.py and
+dataset='folder': decode of the central square, resize to 256, mean image, random 224 crop,
+flip and PCA lighting, batches of 128. Prints images/second after --warmup batches, and a JSON
+line. Run it on a quiet machine: it uses every core tf.data can get.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+# ImageNet's typical image is 500x375 (4:3); the long side varies around it.
+TYPICAL_LONG_SIDE = 500
+LONG_SIDE_RANGE = (320, 900)
+ASPECT_RATIOS = (4 / 3, 4 / 3, 3 / 2, 1.0, 3 / 4)  # width / height; 4:3 landscape most often.
+JPEG_QUALITY = 90
+NUM_CLASSES = 10
+# (grid cells along the short side, weight): coarse structure strong, fine detail weak (~1/f).
+OCTAVES = ((3, 1.0), (8, 0.6), (24, 0.4), (80, 0.3), (240, 0.25))
+# Pixel-level grain (std, 0..255 scale): photographs' sensor noise and texture, which is what
+# brings the files to ImageNet's typical ~110 KB at this size and quality.
+GRAIN_STD = 8.0
+
+
+def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+  """uint8 [height, width, 3]: 1/f-like coloured noise plus a few blobs, like a photograph.
+
+  Smooth content matters for a fair benchmark: JPEG decoding time depends on how much detail
+  the file holds, and white noise would make files (and decodes) several times too big.
+  """
+  image = np.zeros([height, width, 3], np.float32)
+  for cells, weight in OCTAVES:
+    low = rng.normal(0.0, 1.0, [cells, max(2, cells * width // height), 3])
+    low = ((low - low.min()) / (np.ptp(low) + 1e-6) * 255).astype(np.uint8)
+    image += weight * np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC),
+                                 np.float32)
+  image = image / sum(weight for _, weight in OCTAVES)  # back to 0..255.
+  yy, xx = np.mgrid[0:height, 0:width]
+  for _ in range(rng.integers(2, 6)):  # a few soft-edged objects
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    ry, rx = rng.uniform(0.05, 0.3) * height, rng.uniform(0.05, 0.3) * width
+    inside = np.clip(1.5 - ((yy - cy) / ry)**2 - ((xx - cx) / rx)**2, 0, 1)[..., None]
+    image = image * (1 - inside) + inside * rng.uniform(0, 255, 3)
+  image += rng.normal(0.0, GRAIN_STD, image.shape[:2] + (1,)) + rng.normal(0.0, GRAIN_STD / 2,
+                                                                          image.shape)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_jpegs(directory: str, num_images: int, *, split: str = 'train', seed: int = 0,
+                num_classes: int = NUM_CLASSES, long_side: int | None = None) -> None:
+  """Writes num_images JPEGs as directory/<split>/class_XX/img_XXXXX.jpg (the 'folder' layout).
+
+  long_side: a fixed long side for every image (tests use small images); None: ImageNet-like.
+  """
+  rng = np.random.default_rng(seed)
+  for i in range(num_images):
+    side = long_side or int(np.clip(rng.normal(TYPICAL_LONG_SIDE, 80), *LONG_SIDE_RANGE))
+    aspect = ASPECT_RATIOS[rng.integers(len(ASPECT_RATIOS))]
+    width, height = (side, round(side / aspect)) if aspect >= 1 else (round(side * aspect), side)
+    folder = os.path.join(directory, split, f'class_{i % num_classes:02d}')
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(natural_image(rng, width, height)).save(
+        os.path.join(folder, f'img_{i:05d}.jpg'), quality=JPEG_QUALITY)
+
+
+def _count_images(directory: str) -> int:
+  return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
+
+
+def benchmark(directory: str, batches: int, warmup: int, batch_size: int | None,
+              antialias: bool = True) -> dict:
+  """Times train_iterator on directory/train; returns images/second and the settings."""
+  # Imported here: TensorFlow and JAX start only after the files exist.
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  config = alexnet.get_config()
+  config.dataset, config.data_dir, config.eval_split = 'folder', directory, 'train'
+  config.stats_num_images = 256  # the mean image is computed before timing starts.
+  if batch_size:
+    config.batch_size = batch_size
+  config.resize_antialias = antialias  # read by data_sources with config.get(..., True)
+  with tempfile.TemporaryDirectory() as workdir:
+    iterator = input_pipeline.train_iterator(config, workdir=workdir)
+    for _ in range(warmup):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(iterator)
+    seconds = time.perf_counter() - start
+  return {'images_per_sec': round(batches * config.batch_size / seconds, 1),
+          'batch_size': config.batch_size, 'batches': batches, 'seconds': round(seconds, 3),
+          'num_files': _count_images(directory), 'cpus': os.cpu_count(), 'antialias': antialias}
+
+
+def _define_flags() -> None:
+  flags.DEFINE_integer('num_images', 512, 'JPEGs to generate (if --dir has fewer).')
+  flags.DEFINE_integer('batches', 20, 'Batches timed after the warm-up.')
+  flags.DEFINE_integer('warmup', 5, 'Batches before the clock starts (fills the buffers).')
+  flags.DEFINE_integer('batch_size', None, 'Override config.batch_size (default 128).')
+  flags.DEFINE_string('dir', None, 'Folder for the JPEGs, reused if present (default: temp).')
+  flags.DEFINE_bool('antialias', True, 'Antialiased resize to 256 (the default pipeline).')
+
+
+def main(argv) -> None:
+  """Generates the JPEGs if needed, runs the benchmark, prints the result."""
+  del argv
+  f = flags.FLAGS
+  with tempfile.TemporaryDirectory() as scratch:
+    directory = f.dir or scratch
+    if _count_images(directory) < f.num_images:
+      start = time.perf_counter()
+      write_jpegs(directory, f.num_images)
+      print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
+    result = benchmark(directory, f.batches, f.warmup, f.batch_size, f.antialias)
+  print(f'{result["images_per_sec"]:.1f} images/s (batch {result["batch_size"]}, '
+        f'{result["batches"]} batches, {result["num_files"]} files, {result["cpus"]} CPUs)')
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
