@@ -30,12 +30,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.cache = True
   c.shuffle_buffer = 2048
   c.batch_size = 64
-  c.eval_batch_size = 128
-  c.num_epochs = 30
-  c.learning_rate = 0.01
+  c.eval_batch_size = 120  # 360 = 3 x 120: no padding needed (8 devices: use 128 or 96).
+  c.num_epochs = 20
+  c.learning_rate = 0.01  # §5's rate; 0.02 measured far worse (12.8% error after 20 epochs).
   c.lr_schedule = 'step'
-  c.lr_decay_epochs = (20, 27)
-  c.bias_init_one = 0.1
+  c.lr_decay_epochs = (15,)
+  # §5's N(0, 0.01) suits the paper's layers, whose fan-ins (363 to 9216) keep the activations
+  # of 0..255 images from shrinking. The small net's fan-ins (75 to 576) do not: with 0.01 the
+  # signal dies out by conv5 and the loss stayed at ln(10) for 15 epochs; 0.05 keeps it alive.
+  c.weight_init_std = 0.05
+  c.bias_init_one = 0.1  # Caffe's value; the small net has no use for §5's large biases.
   c.log_every_steps = 50
   c.eval_every_epochs = 5
   c.checkpoint_every_steps = 1000
