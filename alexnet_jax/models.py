@@ -92,7 +92,8 @@ def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
 
 
 def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: float = 1e-4,
-                        beta: float = 0.75, alpha_convention: str = 'paper') -> jax.Array:
+                        beta: float = 0.75, alpha_convention: str = 'paper',
+                        impl: str = 'auto') -> jax.Array:
   """Local Response Normalization across channels (§3.3), NHWC.
 
   b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta
@@ -102,6 +103,8 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   `local_response_normalization` too); 'divided' uses alpha / n, the convention of
   cuda-convnet, Caffe and PyTorch (whose `LocalResponseNorm(5, alpha=5e-4)` equals the paper's
   formula as written with alpha=1e-4).
+  impl: 'custom' (a hand-written gradient, `ops.lrn_custom`), 'reduce_window' (the plain form
+  and its autodiff gradient) or 'auto' (= 'custom'); both give the same values.
   """
   if alpha_convention == 'divided':
     alpha = alpha / n
@@ -112,9 +115,7 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   dtype = x.dtype
   # The sum of squares is formed in float32: in bfloat16, a^2 summed over 5 channels loses the
   # small alpha * sum term against k = 2 (bfloat16 has 8 bits of mantissa).
-  xf = x.astype(jnp.float32)
-  sum_sq = ops.channel_window_sum(jnp.square(xf), n)
-  return (xf * (k + alpha * sum_sq) ** (-beta)).astype(dtype)
+  return ops.lrn(x.astype(jnp.float32), k, n, alpha, beta, impl).astype(dtype)
 
 
 class LocalResponseNorm(nn.Module):
@@ -124,11 +125,12 @@ class LocalResponseNorm(nn.Module):
   alpha: float = 1e-4
   beta: float = 0.75
   alpha_convention: str = 'paper'
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return local_response_norm(x, k=self.k, n=self.n, alpha=self.alpha, beta=self.beta,
-                               alpha_convention=self.alpha_convention)
+                               alpha_convention=self.alpha_convention, impl=self.impl)
 
 
 def resolve_column_impl(impl: str) -> str:
@@ -157,6 +159,7 @@ class ColumnConv(nn.Module):
   padding: Any = 'SAME'
   columns: int = 1
   impl: str = 'auto'
+  conv_impl: str = 'auto'  # strided convolutions: see ops.strided_conv.
   kernel_init: Callable = nn.initializers.normal(0.01)
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -173,10 +176,10 @@ class ColumnConv(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    conv = lambda lhs, rhs, groups=1: lax.conv_general_dilated(
-        lhs, rhs, (self.strides, self.strides), self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
-    if g == 1:
+    conv = lambda lhs, rhs, groups=1: ops.conv(lhs, rhs, self.strides, self.padding, groups)
+    if g == 1 and self.strides > 1:
+      y = ops.strided_conv(x, kernel, self.strides, self.padding, self.conv_impl)
+    elif g == 1:
       y = conv(x, kernel)
     elif resolve_column_impl(self.impl) == 'grouped':
       y = conv(x, kernel, g)
@@ -227,6 +230,8 @@ class AlexNet(nn.Module):
   dtype: Any = jnp.float32
   column_impl: str = 'auto'
   pool_impl: str = 'auto'
+  lrn_impl: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -242,12 +247,14 @@ class AlexNet(nn.Module):
     x = x.astype(dtype)
     for spec in conv_specs(self.variant):
       x = ColumnConv(spec.features, spec.kernel, spec.stride, spec.padding, spec.columns,
-                     self.column_impl, w_init, b_init(spec.bias_one), dtype, name=spec.name)(x)
+                     self.column_impl, self.conv_impl, w_init, b_init(spec.bias_one), dtype,
+                     name=spec.name)(x)
       x = act(x)
       self.sow('intermediates', spec.name + '_out', x)
       if spec.lrn and self.lrn:
         x = local_response_norm(x, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
-                                beta=self.lrn_beta, alpha_convention=self.lrn_alpha_convention)
+                                beta=self.lrn_beta, alpha_convention=self.lrn_alpha_convention,
+                                impl=self.lrn_impl)
       if spec.pool:
         x = ops.max_pool(x, window, stride, impl=self.pool_impl)
         self.sow('intermediates', 'pool' + spec.name[-1], x)
@@ -290,7 +297,8 @@ def create_model(config: Any) -> AlexNet:
       activation=config.activation, dropout_rate=config.dropout_rate,
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
       dtype=config.dtype, column_impl=config.column_impl,
-      pool_impl=config.get('pool_impl', 'auto'))
+      pool_impl=config.get('pool_impl', 'auto'), lrn_impl=config.get('lrn_impl', 'auto'),
+      conv_impl=config.get('conv_impl', 'auto'))
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:

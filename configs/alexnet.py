@@ -76,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
   # How conv2/4/5's two columns run: 'auto' (fastest measured for the backend), 'split' (two
   # half-convolutions) or 'grouped' (feature_group_count=2). Same parameters either way.
   c.column_impl = 'auto'
+  # Faster forms of other layers, same values (alexnet_jax/ops.py, BENCHMARKS.md): 'auto' picks
+  # per backend. pool_impl: 'mask' | 'reduce_window'; lrn_impl: 'custom' | 'reduce_window';
+  # conv_impl (conv1's strided convolution): 'im2col' | 'direct'.
+  c.pool_impl = 'auto'
+  c.lrn_impl = 'auto'
+  c.conv_impl = 'auto'
 
   # ---- Optimisation (§5) ----
   c.batch_size = 128  # §5: batch 128 (global, over all devices).

@@ -1,0 +1,290 @@
+"""Speed of the paper's network: training step, evaluation, input pipeline, whole loop, devices.
+
+  python -m alexnet_jax.benchmark                                  # train step, batch 128, fp32
+  python -m alexnet_jax.benchmark --what=train,eval,pipeline,loop --json
+  python -m alexnet_jax.benchmark --config.dtype=bfloat16
+  python -m alexnet_jax.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
+  python -m alexnet_jax.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch ratio
+
+Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
+reports the median of --steps timed repetitions. The training step is the one training uses
+(`steps.pmapped_train_step`: forward, backward, pmean, SGD with momentum and weight decay) on
+synthetic data made on the device, so neither decoding nor host-to-device copies are timed;
+'loop' adds them back (the input pipeline on real JPEGs feeding the step). Benchmarks are
+commands, not tests: record results in BENCHMARKS.md with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+MEASUREMENTS = ('train', 'eval', 'pipeline', 'loop')
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'configs', 'alexnet.py'), 'Config whose network is measured.')
+  flags.DEFINE_list('what', ['train'], f'Measurements, any of {MEASUREMENTS}.')
+  flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s, 128).')
+  flags.DEFINE_integer('steps', 5, 'Timed repetitions (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed repetitions after compilation.')
+  flags.DEFINE_integer('devices', 1, 'Devices for the train/eval/loop measurements.')
+  flags.DEFINE_list('sweep', [], 'Device counts for a scaling sweep of the train step, e.g. '
+                    '1,2,4,8 (weak scaling: --batch_size per device).')
+  flags.DEFINE_integer('cpu_devices', 0, 'Simulate this many CPU devices (set before JAX '
+                       'starts; for --sweep or --devices > 1 on a CPU).')
+  flags.DEFINE_string('jpeg_dir', None, 'Folder of JPEGs for pipeline/loop (generated if '
+                      'missing or too small; a temporary folder by default).')
+  flags.DEFINE_integer('num_jpegs', 512, 'JPEGs to generate for pipeline/loop.')
+  flags.DEFINE_string('peer', None, 'Path of peer_torch_alexnet.py: run it (fp32, and bf16 '
+                      'channels-last) right after the train step and print the ratio.')
+  flags.DEFINE_bool('json', False, 'Also print one JSON line per measurement.')
+
+
+def forward_flops(config: Any) -> float:
+  """Multiply-add FLOPs (2 per MAC) of one forward pass of one image, from the layer shapes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config)
+  shapes = models.intermediate_shapes(model, config.image_size)
+  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0),
+                                                     config.image_size))
+  flops = 0.0
+  for name, layer in params.items():
+    kernel = layer['kernel'].shape
+    if len(kernel) == 4:  # conv: output positions x taps x (input channels per column).
+      out = shapes[name + '_out']
+      flops += 2.0 * out[1] * out[2] * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+    else:
+      flops += 2.0 * kernel[0] * kernel[1]
+  return flops
+
+
+def _time(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
+  """(first call seconds, compilation included; median seconds of `steps` later calls)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return first, times[len(times) // 2]
+
+
+def _setup(config: Any, num_devices: int):
+  """Model, optimizer, replicated state and pmapped steps on the first `num_devices` devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import models, optim, steps  # pylint: disable=g-import-not-at-top
+  devices = jax.local_devices()[:num_devices]
+  if len(devices) < num_devices:
+    raise ValueError(f'--devices={num_devices} but only {len(devices)} are available '
+                     '(on a CPU, add --cpu_devices=N)')
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  state = steps.create_train_state(model, tx, config.seed, config.image_size)
+  return model, tx, steps.replicate(state, devices), devices
+
+
+def _device_images(shape: tuple, devices: list, seed: int = 0):
+  """Random images made on the devices, [devices, per-device batch, ...]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(devices), ('d',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
+  make = jax.jit(lambda k: jax.random.normal(k, shape) * 60.0, out_shardings=sharding)
+  return make(jax.random.key(seed))
+
+
+def measure_train(config: Any, num_devices: int, steps_: int, warmup: int) -> dict[str, Any]:
+  """The training step on device-resident synthetic data."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import steps  # pylint: disable=g-import-not-at-top
+  model, tx, rstate, devices = _setup(config, num_devices)
+  b = config.batch_size
+  images = _device_images((num_devices, b // num_devices, config.image_size, config.image_size,
+                           3), devices)
+  labels = jnp.zeros((num_devices, b // num_devices), jnp.int32)
+  p_train = steps.pmapped_train_step(model, tx, devices)
+  holder = {'state': rstate}
+  lr = np.float32(config.learning_rate)
+
+  def step():
+    holder['state'], m = p_train(holder['state'], {'image': images, 'label': labels}, lr)
+    return m
+
+  first, median = _time(step, steps_, warmup)
+  flops = 3 * forward_flops(config) * b  # forward + backward (about twice the forward)
+  return {'measurement': 'train', 'train_images_per_sec': b / median, 'step_ms': median * 1e3,
+          'compile_s': max(first - median, 0.0), 'devices': num_devices, 'batch_size': b,
+          'dtype': config.dtype, 'model': config.model, 'image_size': config.image_size,
+          'achieved_gflops': flops / median / 1e9}
+
+
+def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
+                 ten_crop: bool) -> dict[str, Any]:
+  """The evaluation step (centre crop or the 10-crop test) on synthetic data."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import steps  # pylint: disable=g-import-not-at-top
+  model, _, rstate, devices = _setup(config, num_devices)
+  b = config.eval_batch_size
+  crops = (10,) if ten_crop else ()
+  images = _device_images((num_devices, b // num_devices) + crops +
+                          (config.image_size, config.image_size, 3), devices)
+  batch = {'image': images, 'label': jnp.zeros((num_devices, b // num_devices), jnp.int32),
+           'mask': jnp.ones((num_devices, b // num_devices), bool)}
+  p_eval = steps.pmapped_eval_step(model, devices)
+  first, median = _time(lambda: p_eval(rstate.params, batch), steps_, warmup)
+  return {'measurement': 'eval_ten_crop' if ten_crop else 'eval_center_crop',
+          'eval_images_per_sec': b / median, 'step_ms': median * 1e3,
+          'compile_s': max(first - median, 0.0), 'devices': num_devices, 'batch_size': b,
+          'dtype': config.dtype, 'model': config.model}
+
+
+def _jpeg_folder(directory: str | None, num: int) -> str:
+  from alexnet_jax import pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  directory = directory or os.path.join(tempfile.gettempdir(), 'alexnet_jax_bench_jpegs')
+  if pipeline_benchmark._count_images(directory) < num:  # pylint: disable=protected-access
+    print(f'Writing {num} ImageNet-sized JPEGs to {directory} ...', flush=True)
+    pipeline_benchmark.write_jpegs(directory, num)
+  return directory
+
+
+def measure_pipeline(config: Any, directory: str, batches: int) -> dict[str, Any]:
+  """The paper's training preprocessing on real JPEGs (see pipeline_benchmark)."""
+  from alexnet_jax import pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  r = pipeline_benchmark.benchmark(directory, batches, warmup=3, batch_size=config.batch_size,
+                                   antialias=config.get('resize_antialias', True))
+  return {'measurement': 'pipeline', 'pipeline_images_per_sec': r['images_per_sec'],
+          'batch_size': r['batch_size'], 'num_files': r['num_files']}
+
+
+def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
+                 warmup: int) -> dict[str, Any]:
+  """The input pipeline on real JPEGs feeding the training step, as in training."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import input_pipeline, steps  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.dataset, config.data_dir, config.eval_split = 'folder', directory, 'train'
+  config.stats_num_images = 256
+  model, tx, rstate, devices = _setup(config, num_devices)
+  p_train = steps.pmapped_train_step(model, tx, devices)
+  lr = np.float32(config.learning_rate)
+  with tempfile.TemporaryDirectory() as workdir:
+    it = input_pipeline.train_iterator(config, workdir=workdir)
+    holder = {'state': rstate}
+
+    def step():
+      holder['state'], m = p_train(holder['state'], steps.shard(next(it), num_devices), lr)
+      return m
+
+    try:
+      first, median = _time(step, steps_, warmup)
+    finally:
+      it.close()
+  return {'measurement': 'loop', 'train_images_per_sec': config.batch_size / median,
+          'step_ms': median * 1e3, 'compile_s': max(first - median, 0.0),
+          'devices': num_devices, 'batch_size': config.batch_size, 'dtype': config.dtype}
+
+
+def run_peer(peer: str, batch: int, steps_: int) -> list[dict[str, Any]]:
+  """Runs the PyTorch peer script (fp32 NCHW, then bf16 channels-last); [] without torch."""
+  results = []
+  for extra in ([], ['--channels-last', '--bf16']):
+    cmd = [sys.executable, peer, '--batch', str(batch), '--steps', str(steps_), '--json', *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      print(f'Peer failed ({" ".join(cmd)}):\n{proc.stderr[-2000:]}', file=sys.stderr)
+      return results
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  return results
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+  keys = [k for k in result if k != 'measurement']
+  cells = ', '.join(f'{k}={result[k]:.1f}' if isinstance(result[k], float) else
+                    f'{k}={result[k]}' for k in keys)
+  print(f'{result["measurement"]:>16s}: {cells}', flush=True)
+  if as_json:
+    print(json.dumps(result), flush=True)
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.cpu_devices:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  if FLAGS.batch_size:
+    config.batch_size = config.eval_batch_size = FLAGS.batch_size
+  unknown = set(FLAGS.what) - set(MEASUREMENTS)
+  if unknown:
+    raise app.UsageError(f'--what: unknown {sorted(unknown)}; choose from {MEASUREMENTS}')
+  if config.batch_size % FLAGS.devices:
+    raise app.UsageError(f'--batch_size={config.batch_size} does not divide over '
+                         f'--devices={FLAGS.devices}')
+  models.create_model(config)  # Bad model fields fail here, before any work.
+  print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {jax.device_count()} '
+        f'devices, {os.cpu_count()} CPUs; model={config.model} dtype={config.dtype} '
+        f'batch={config.batch_size}', flush=True)
+  results = []
+  if 'train' in FLAGS.what:
+    results.append(measure_train(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup))
+    _print(results[-1], FLAGS.json)
+    if FLAGS.peer:
+      for peer in run_peer(FLAGS.peer, config.batch_size, FLAGS.steps):
+        peer['measurement'] = 'peer_torch' + ('_bf16_cl' if peer['bf16'] else '_fp32')
+        peer['ratio_ours_to_peer'] = (results[0]['train_images_per_sec'] /
+                                      peer['train_images_per_sec'])
+        results.append(peer)
+        _print(peer, FLAGS.json)
+  if 'eval' in FLAGS.what:
+    for ten_crop in (False, True):
+      results.append(measure_eval(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup, ten_crop))
+      _print(results[-1], FLAGS.json)
+  if 'pipeline' in FLAGS.what or 'loop' in FLAGS.what:
+    directory = _jpeg_folder(FLAGS.jpeg_dir, FLAGS.num_jpegs)
+    if 'pipeline' in FLAGS.what:
+      results.append(measure_pipeline(config, directory, batches=max(FLAGS.steps, 10)))
+      _print(results[-1], FLAGS.json)
+    if 'loop' in FLAGS.what:
+      results.append(measure_loop(config, directory, FLAGS.devices, FLAGS.steps, FLAGS.warmup))
+      _print(results[-1], FLAGS.json)
+  if FLAGS.sweep:
+    per_device = config.batch_size
+    base = None  # The first count of the sweep is the reference (1 in the usual 1,2,4,8).
+    for n in (int(s) for s in FLAGS.sweep):
+      swept = config.copy_and_resolve_references()
+      swept.batch_size = per_device * n
+      r = measure_train(swept, n, FLAGS.steps, FLAGS.warmup)
+      r['measurement'] = 'sweep'
+      base = base or r['train_images_per_sec']
+      r['speedup'] = r['train_images_per_sec'] / base
+      r['scaling_efficiency'] = r['speedup'] / n
+      results.append(r)
+      _print(r, FLAGS.json)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

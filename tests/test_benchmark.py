@@ -1,0 +1,37 @@
+"""Smoke test of the benchmark command (timings belong to the command, never to a test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_command_prints_json_measurements():
+  cmd = [sys.executable, '-m', 'alexnet_jax.benchmark', '--config=configs/tiny.py',
+         '--what=train,eval', '--steps=1', '--warmup=0', '--json', '--cpu_devices=2',
+         '--sweep=1,2']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  by_kind = {}
+  for r in records:
+    by_kind.setdefault(r['measurement'], []).append(r)
+  train = by_kind['train'][0]
+  for key in ('train_images_per_sec', 'step_ms', 'devices', 'batch_size', 'dtype', 'compile_s'):
+    assert key in train
+  assert train['batch_size'] == 16 and train['devices'] == 1 and train['dtype'] == 'float32'
+  assert train['train_images_per_sec'] > 0
+  assert {'eval_center_crop', 'eval_ten_crop'} <= set(by_kind)
+  sweep = by_kind['sweep']
+  assert [r['devices'] for r in sweep] == [1, 2]
+  assert sweep[0]['scaling_efficiency'] == 1.0 and sweep[1]['batch_size'] == 32
+
+
+def test_forward_flops_of_the_paper_network():
+  from alexnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  # ../shared/PAPER.md: 0.724 G multiply-adds per image (conv 666 M + FC 59 M).
+  macs = benchmark.forward_flops(alexnet.get_config()) / 2
+  assert abs(macs - 0.724e9) / 0.724e9 < 0.01, macs

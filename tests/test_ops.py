@@ -1,0 +1,83 @@
+"""The fast forms in alexnet_jax/ops.py against their plain forms: values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import ops
+
+
+def _relu_input(shape, seed=0):
+  """ReLU outputs: many exact zeros, so max-pool windows have ties."""
+  x = jax.random.normal(jax.random.key(seed), shape) * 30
+  return jax.nn.relu(x)
+
+
+def _grads(f, *args):
+  """Gradient of a random projection of f's output (exercises every output's cotangent)."""
+  out = f(*args)
+  proj = jax.random.normal(jax.random.key(42), out.shape)
+  return jax.grad(lambda *a: jnp.sum(f(*a) * proj), argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize('window,stride,size', [(3, 2, 55), (3, 2, 13), (2, 2, 27), (3, 2, 8)])
+def test_mask_max_pool_matches_select_and_scatter(window, stride, size):
+  x = _relu_input((2, size, size + 1, 5))
+  x = x.at[:, :4, :4, :].set(7.0)  # A block of exact non-zero ties too.
+  ref = ops.max_pool_reference(x, window, stride)
+  got = ops.max_pool_mask(x, window, stride)
+  np.testing.assert_array_equal(got, ref)
+  (g_ref,) = _grads(lambda a: ops.max_pool_reference(a, window, stride), x)
+  (g_got,) = _grads(lambda a: ops.max_pool_mask(a, window, stride), x)
+  # Same tie-breaking (the first maximum of each window gets the gradient): exactly equal.
+  np.testing.assert_allclose(g_got, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('n,beta', [(5, 0.75), (3, 0.5)])
+def test_custom_lrn_matches_the_plain_form_and_its_autodiff(n, beta):
+  x = jax.random.normal(jax.random.key(1), (2, 6, 5, 13)) * 80
+  args = dict(k=2.0, n=n, alpha=1e-4, beta=beta)
+  ref = ops.lrn_reference(x, **args)
+  got = ops.lrn_custom(x, 2.0, n, 1e-4, beta)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  (g_ref,) = _grads(lambda a: ops.lrn_reference(a, **args), x)
+  (g_got,) = _grads(lambda a: ops.lrn_custom(a, 2.0, n, 1e-4, beta), x)
+  np.testing.assert_allclose(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel,stride,pad,size', [
+    (11, 4, 2, 224),  # conv1 of the paper network
+    (11, 4, 2, 67),
+    (5, 2, 1, 20),
+    (3, 3, 0, 10),
+])
+def test_im2col_conv_matches_xla_convolution(kernel, stride, pad, size):
+  x = jax.random.normal(jax.random.key(2), (2, size, size, 3)) * 50
+  w = jax.random.normal(jax.random.key(3), (kernel, kernel, 3, 8)) * 0.01
+  padding = ((pad, pad), (pad, pad))
+  ref = ops.conv(x, w, stride, padding)
+  got = ops.conv_im2col(x, w, stride, padding)
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+  g_ref = _grads(lambda a, b: ops.conv(a, b, stride, padding), x, w)
+  g_got = _grads(lambda a, b: ops.conv_im2col(a, b, stride, padding), x, w)
+  for a, b in zip(g_got, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * float(jnp.abs(b).max()))
+
+
+def test_conv1_im2col_keeps_the_papers_55x55_map():
+  x = jnp.zeros((1, 224, 224, 3))
+  w = jnp.zeros((11, 11, 3, 96))
+  assert ops.strided_conv(x, w, 4, ((2, 2), (2, 2)), impl='im2col').shape == (1, 55, 55, 96)
+
+
+@pytest.mark.parametrize('fn,kwargs', [
+    (ops.max_pool, dict(window=3, stride=2)),
+    (ops.lrn, dict(k=2.0, n=5, alpha=1e-4, beta=0.75)),
+])
+def test_unknown_impl_is_named(fn, kwargs):
+  with pytest.raises(ValueError, match='impl'):
+    fn(jnp.ones((1, 5, 5, 4)), impl='fast', **kwargs)
+  with pytest.raises(ValueError, match='conv_impl'):
+    ops.strided_conv(jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 2)), 2, ((0, 0), (0, 0)), 'x')
