@@ -2,6 +2,7 @@
 
   python -m alexnet_jax.benchmark                                  # train step, batch 128, fp32
   python -m alexnet_jax.benchmark --what=train,eval,pipeline,loop --json
+  python -m alexnet_jax.benchmark --what=layers                     # each layer, both ways
   python -m alexnet_jax.benchmark --config.dtype=bfloat16
   python -m alexnet_jax.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
   python -m alexnet_jax.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch ratio
@@ -29,7 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MEASUREMENTS = ('train', 'eval', 'pipeline', 'loop')
+MEASUREMENTS = ('train', 'eval', 'pipeline', 'loop', 'layers')
 
 
 def _define_flags() -> None:
@@ -205,6 +206,54 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
           'devices': num_devices, 'batch_size': config.batch_size, 'dtype': config.dtype}
 
 
+def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]:
+  """Forward+backward of the layers that have two implementations, each way, paper sizes.
+
+  What `ops` and `models.ColumnConv` choose between: conv1 (im2col vs XLA's strided
+  convolution; kernel gradient only, as in training), LRN1 (hand-written vs autodiff gradient),
+  pool1 (mask vs select-and-scatter gradient) and conv2 (two half-convolutions vs
+  feature_group_count=2).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import ops  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(0)
+  image = jax.random.normal(key, (batch, 224, 224, 3)) * 60.0
+  act1 = jax.nn.relu(jax.random.normal(key, (batch, 55, 55, 96)) * 50.0)
+  pool1 = jax.random.normal(key, (batch, 27, 27, 96))
+  w1 = jax.random.normal(key, (11, 11, 3, 96)) * 0.01
+  w2 = jax.random.normal(key, (5, 5, 48, 256)) * 0.01
+  pad1, pad2 = ((2, 2), (2, 2)), ((2, 2), (2, 2))
+
+  def split2(x, w):
+    return jnp.concatenate([ops.conv(a, b, 1, pad2) for a, b in
+                            zip(jnp.split(x, 2, -1), jnp.split(w, 2, -1))], -1)
+
+  cases = [
+      ('conv1', 'im2col', lambda w: ops.conv_im2col(image, w, 4, pad1), (w1,)),
+      ('conv1', 'direct', lambda w: ops.conv(image, w, 4, pad1), (w1,)),
+      ('lrn1', 'custom', lambda x: ops.lrn(x, 2.0, 5, 1e-4, 0.75, 'custom'), (act1,)),
+      ('lrn1', 'reduce_window', lambda x: ops.lrn(x, 2.0, 5, 1e-4, 0.75, 'reduce_window'),
+       (act1,)),
+      ('pool1', 'mask', lambda x: ops.max_pool(x, 3, 2, 'mask'), (act1,)),
+      ('pool1', 'reduce_window', lambda x: ops.max_pool(x, 3, 2, 'reduce_window'), (act1,)),
+      ('conv2', 'split', split2, (pool1, w2)),
+      ('conv2', 'grouped', lambda x, w: ops.conv(x, w, 1, pad2, 2), (pool1, w2)),
+  ]
+  results = []
+  for layer, impl, f, args in cases:
+
+    def fwd_bwd(*a, f=f):
+      y, vjp = jax.vjp(f, *a)
+      return vjp(jnp.ones_like(y))
+
+    fn = jax.jit(fwd_bwd)
+    _, median = _time(lambda fn=fn, args=args: fn(*args), steps_, warmup)
+    results.append({'measurement': 'layer', 'layer': layer, 'impl': impl,
+                    'fwd_bwd_ms': median * 1e3, 'batch_size': batch})
+  return results
+
+
 def run_peer(peer: str, batch: int, steps_: int) -> list[dict[str, Any]]:
   """Runs the PyTorch peer script (fp32 NCHW, then bf16 channels-last); [] without torch."""
   results = []
@@ -270,6 +319,10 @@ def main(argv) -> None:
     if 'loop' in FLAGS.what:
       results.append(measure_loop(config, directory, FLAGS.devices, FLAGS.steps, FLAGS.warmup))
       _print(results[-1], FLAGS.json)
+  if 'layers' in FLAGS.what:
+    for r in measure_layers(config.batch_size, FLAGS.steps, FLAGS.warmup):
+      results.append(r)
+      _print(r, FLAGS.json)
   if FLAGS.sweep:
     per_device = config.batch_size
     base = None  # The first count of the sweep is the reference (1 in the usual 1,2,4,8).

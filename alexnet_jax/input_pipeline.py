@@ -111,6 +111,11 @@ def _mean(config, workdir: str | None) -> np.ndarray | None:
   return mean_image
 
 
+def mean_for(config, workdir: str | None) -> np.ndarray | None:
+  """The mean the pipeline subtracts (see `_mean`), for code that preprocesses images itself."""
+  return _mean(config, workdir)
+
+
 def _pca(config) -> tuple[np.ndarray, np.ndarray]:
   if config.pca_file:
     stats = data_stats.load_stats(config.pca_file)

@@ -7,6 +7,7 @@ Variants:
   'owt'        torchvision's single-column "one weird trick" network (64/192/384/256/256, no
                LRN, dropout before FC6 and FC7): 61,100,840 parameters.
   'small'      the same building blocks at small widths for 32x32-ish inputs (the quick start).
+  'small_one_column'  'small' without the column split (the §3.2 ablation on small images).
 
 Layouts are NHWC. Images are expected on the paper's scale: 0..255 pixels minus the mean.
 """
@@ -23,7 +24,7 @@ from jax import lax
 
 from alexnet_jax import ops
 
-VARIANTS = ('paper', 'one_column', 'owt', 'small')
+VARIANTS = ('paper', 'one_column', 'owt', 'small', 'small_one_column')
 ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
 COLUMN_IMPLS = ('auto', 'split', 'grouped')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -75,7 +76,8 @@ _SMALL_CONVS = (
     ConvSpec('conv4', 96, 3, 1, _p(1), 2, True, False, False),
     ConvSpec('conv5', 64, 3, 1, _p(1), 2, True, False, True),
 )
-_FC_WIDTHS = {'paper': 4096, 'one_column': 4096, 'owt': 4096, 'small': 256}
+_FC_WIDTHS = {'paper': 4096, 'one_column': 4096, 'owt': 4096, 'small': 256,
+              'small_one_column': 256}
 
 
 def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
@@ -88,6 +90,8 @@ def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
     return _OWT_CONVS
   if variant == 'small':
     return _SMALL_CONVS
+  if variant == 'small_one_column':
+    return tuple(dataclasses.replace(s, columns=1) for s in _SMALL_CONVS)
   raise ValueError(f'Unknown AlexNet variant {variant!r}; choose one of {VARIANTS}.')
 
 
