@@ -1,4 +1,4 @@
-"""Test set-up: simulate 8 CPU devices (for the pmap tests) before JAX starts."""
+"""Test set-up: simulate 8 CPU devices (for the pmap tests) before JAX starts; shared fixtures."""
 
 import os
 import sys
@@ -13,3 +13,23 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # The repository root, so that `configs` and `alexnet_jax` import without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import pytest  # pylint: disable=g-import-not-at-top  (after the environment above)
+
+
+def train_tiny(path, **overrides) -> str:
+  """Trains configs/tiny.py (16x16 digits) with `overrides` into `path`; returns the workdir."""
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top  (JAX after XLA_FLAGS)
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.update(overrides)
+  train.train_and_evaluate(config, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_workdir(tmp_path_factory):
+  """A trained tiny run (4 steps) with its checkpoint, classes and statistics, trained once for
+  test_evaluate.py, test_predict.py and test_figures.py."""
+  return train_tiny(tmp_path_factory.mktemp('tiny_run'), num_train_steps=4)

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_command_prints_json_measurements():
   cmd = [sys.executable, '-m', 'alexnet_jax.benchmark', '--config=configs/tiny.py',
          '--what=train,eval,layers', '--steps=1', '--warmup=0', '--json', '--cpu_devices=2',
+         '--batch_size=4',
          '--sweep=1,2']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -21,14 +22,14 @@ def test_benchmark_command_prints_json_measurements():
   train = by_kind['train'][0]
   for key in ('train_images_per_sec', 'step_ms', 'devices', 'batch_size', 'dtype', 'compile_s'):
     assert key in train
-  assert train['batch_size'] == 16 and train['devices'] == 1 and train['dtype'] == 'float32'
+  assert train['batch_size'] == 4 and train['devices'] == 1 and train['dtype'] == 'float32'
   assert train['train_images_per_sec'] > 0
   assert {'eval_center_crop', 'eval_ten_crop'} <= set(by_kind)
   layers = {(r['layer'], r['impl']) for r in by_kind['layer']}
   assert ('conv1', 'im2col') in layers and ('pool1', 'reduce_window') in layers
   sweep = by_kind['sweep']
   assert [r['devices'] for r in sweep] == [1, 2]
-  assert sweep[0]['scaling_efficiency'] == 1.0 and sweep[1]['batch_size'] == 32
+  assert sweep[0]['scaling_efficiency'] == 1.0 and sweep[1]['batch_size'] == 8
 
 
 def test_forward_flops_of_the_paper_network():

@@ -1,0 +1,62 @@
+"""alexnet_jax/ablations.py and configs/ablations.py: each ablation switches off one choice."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from alexnet_jax import ablations
+from alexnet_jax import data_stats
+from alexnet_jax import models
+from configs import ablations as ablation_configs
+from configs import digits
+
+# configs/tiny.py's sizes: the sweep's machinery, not its numbers.
+TINY = {'resize_size': 20, 'image_size': 16, 'batch_size': 16, 'eval_batch_size': 64,
+        'num_train_steps': 2, 'num_eval_steps': 1, 'log_every_steps': 1}
+
+
+def test_each_ablation_changes_only_its_field():
+  base = ablation_configs.get_config('baseline').to_dict()
+  digits_config = digits.get_config().to_dict()
+  assert base['pca_lighting'] and not digits_config['pca_lighting']
+  expected = {'no_lrn': {'lrn': False}, 'non_overlapping_pool': {'overlapping_pool': False},
+              'no_pca_lighting': {'pca_lighting': False}, 'no_dropout': {'dropout_rate': 0.0},
+              'one_column': {'model': 'small_one_column'}}
+  for name, change in expected.items():
+    config = ablation_configs.get_config(name).to_dict()
+    diff = {k: v for k, v in config.items() if base[k] != v}
+    assert diff == change, name
+  with pytest.raises(ValueError, match='Unknown ablation'):
+    ablation_configs.get_config('no_such_thing')
+
+
+def test_digits_lighting_is_a_brightness_change(tmp_path):
+  stats = data_stats.load_stats(ablations.pca_file(str(tmp_path)))
+  # Grey pixels: one non-zero eigenvalue, its eigenvector along (1, 1, 1).
+  assert stats['eigval'][0] > 0 and np.all(stats['eigval'][1:] < 1e-6 * stats['eigval'][0])
+  np.testing.assert_allclose(np.abs(stats['eigvec'][:, 0]), np.full(3, 3 ** -0.5), atol=1e-5)
+
+
+def test_tiny_sweep_writes_its_table(tmp_path):
+  result = ablations.run_ablations(['baseline', 'no_dropout', 'one_column'], [0, 1], 1,
+                                   workdir=str(tmp_path), overrides=TINY)
+  for name in ('baseline', 'no_dropout'):
+    errs = [r['top1_error'] for r in result['runs'][name]]
+    assert len(errs) == 2 and all(0 <= e <= 1 for e in errs)
+    s = result['summary'][name]
+    assert s['mean_top1_error'] == pytest.approx(np.mean(errs))
+    assert s['std_top1_error'] == pytest.approx(np.std(errs, ddof=1))
+  assert result['summary']['baseline']['vs_baseline'] == 0
+  table = ablations.markdown_table(result)
+  assert table.count('\n') >= 3 and '`no_dropout`' in table and '+1.4% top-1' not in table
+  assert len(result['runs']['one_column']) == 2 and '`one_column`' in table
+  assert all(ablation_configs.get_config(n).model in models.VARIANTS
+             for n in ablation_configs.ABLATIONS)
+  # Finished runs are read back, not retrained.
+  mtime = os.path.getmtime(tmp_path / 'baseline' / 'seed0' / 'metrics.jsonl')
+  again = ablations.run_ablations(['baseline'], [0], 1, workdir=str(tmp_path), overrides=TINY)
+  assert again['runs']['baseline'] == result['runs']['baseline'][:1]
+  assert os.path.getmtime(tmp_path / 'baseline' / 'seed0' / 'metrics.jsonl') == mtime
+  json.dumps(result)  # the command writes it as JSON

@@ -1,0 +1,90 @@
+"""alexnet_jax/evaluate.py: §6's errors, 10-crop test and ensembles against the training loop's.
+
+`tiny_workdir` (a configs/tiny.py run of a few steps) comes from conftest.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import conftest
+from alexnet_jax import evaluate
+from alexnet_jax import steps
+from alexnet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TEST_DIGITS = 360
+
+
+@pytest.fixture(scope='session')
+def second_workdir(tmp_path_factory):
+  """Another tiny run (2 steps, seed 1) of the same classes: an ensemble partner."""
+  return conftest.train_tiny(tmp_path_factory.mktemp('tiny_run_seed1'), num_train_steps=2,
+                             seed=1)
+
+
+def test_topk_error_counts_ties_for_the_true_label():
+  probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
+  labels = np.array([1, 0, 2])
+  # Ranks of the true class: 0 (tie), 2, 1.
+  assert evaluate.topk_error(probs, labels, 1) == pytest.approx(2 / 3)
+  assert evaluate.topk_error(probs, labels, 2) == pytest.approx(1 / 3)
+  assert evaluate.topk_error(probs, labels, 3) == 0.0
+
+
+@pytest.mark.parametrize('crop', ['center_crop', 'ten_crop'])
+def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop):
+  report = evaluate.evaluate_workdirs([tiny_workdir], crops=[crop])
+  mine = report['results'][tiny_workdir][crop]
+  assert report['results'][evaluate.ENSEMBLE][crop] == mine
+  # The second code path: train.run_evaluation's pmapped sums over the whole split.
+  config = train.load_config(tiny_workdir)
+  config.num_eval_steps = -1
+  model, params, _ = train.load_trained(config, tiny_workdir)
+  theirs = train.run_evaluation(steps.pmapped_eval_step(model), steps.replicate(params), config,
+                                ten_crop=evaluate.CROP_SETTINGS[crop], workdir=tiny_workdir)
+  assert mine['num_examples'] == theirs['eval/num_examples'] == NUM_TEST_DIGITS
+  assert mine['top1_error'] == pytest.approx(theirs['eval/top1_error'], abs=1e-9)
+  assert mine['top5_error'] == pytest.approx(theirs['eval/top5_error'], abs=1e-9)
+
+
+def test_ensemble_averages_the_softmax_outputs(tiny_workdir, second_workdir):
+  outputs = []
+  for wd in (tiny_workdir, second_workdir):
+    config = train.load_config(wd)
+    model, params, _ = train.load_trained(config, wd)
+    outputs.append(evaluate.predict_split(model, params, config, ten_crop=False, workdir=wd))
+  for probs, _ in outputs:
+    assert probs.shape == (NUM_TEST_DIGITS, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+  average = (outputs[0][0] + outputs[1][0]) / 2
+  labels = outputs[0][1]
+  top5 = np.argsort(-average, axis=1)[:, :5]
+  expected_top1 = np.mean(np.argmax(average, axis=1) != labels)
+  expected_top5 = np.mean([label not in row for label, row in zip(labels, top5)])
+  report = evaluate.evaluate_workdirs([tiny_workdir, second_workdir], crops=['center_crop'])
+  ensemble = report['results'][evaluate.ENSEMBLE]['center_crop']
+  assert ensemble['top1_error'] == pytest.approx(expected_top1)
+  assert ensemble['top5_error'] == pytest.approx(expected_top5)
+
+
+def test_command_prints_the_table_and_writes_json(tiny_workdir, tmp_path):
+  output = tmp_path / 'results.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.evaluate', f'--workdirs={tiny_workdir}',
+       f'--output={output}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'average of 1 models' in proc.stdout and 'ten_crop top-1' in proc.stdout
+  assert 'batch' in proc.stderr  # progress
+  report = json.loads(output.read_text())
+  assert set(report['results']) == {tiny_workdir, evaluate.ENSEMBLE}
+  assert report['results'][tiny_workdir]['ten_crop']['num_examples'] == NUM_TEST_DIGITS
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    evaluate.evaluate_workdirs([str(tmp_path)])

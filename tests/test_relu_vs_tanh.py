@@ -1,0 +1,48 @@
+"""alexnet_jax/relu_vs_tanh.py: Figure 1's comparison on a tiny budget."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from alexnet_jax import relu_vs_tanh
+
+
+def test_the_two_nets_differ_only_in_the_activation():
+  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 3)) * 50
+  relu, tanh = relu_vs_tanh.FourLayerNet('relu'), relu_vs_tanh.FourLayerNet('tanh')
+  params = relu.init(jax.random.key(0), x)['params']
+  # Four layers with weights: three convolutions and the softmax layer.
+  assert sorted(params) == ['Conv_0', 'Conv_1', 'Conv_2', 'Dense_0']
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      tanh.init(jax.random.key(0), x)['params'])
+  # Same parameters, different outputs: only the activation tells the two apart.
+  assert not np.allclose(relu.apply({'params': params}, x), tanh.apply({'params': params}, x))
+  assert relu.apply({'params': params}, x).shape == (2, 10)
+
+
+def test_tiny_sweep_writes_the_figure_and_reports_epochs(tmp_path):
+  result = relu_vs_tanh.compare(epochs=0.5, learning_rates=[0.03], evals_per_epoch=4)
+  for activation in ('relu', 'tanh'):
+    run = result['best'][activation]
+    assert run['epochs'][0] == 0 and run['epochs'][-1] == 0.5
+    assert len(run['epochs']) == len(run['train_error']) >= 3
+    assert all(0 <= e <= 1 for e in run['train_error'])
+    reached = [e for e, err in zip(run['epochs'], run['train_error']) if err <= 0.25]
+    assert run['epochs_to_target'] == (reached[0] if reached else None)
+  out = tmp_path / 'fig1.png'
+  relu_vs_tanh.plot(result, str(out))
+  assert Image.open(out).size[0] > 300
+  text = relu_vs_tanh._reached_text(None)  # pylint: disable=protected-access
+  assert text == '25% not reached'
+  speed = relu_vs_tanh._speed_text  # pylint: disable=protected-access
+  assert (speed(6.0), speed(0.5), speed(None)) == ('ReLU 6.0x faster', 'tanh 2.0x faster', '')
+
+
+def test_fastest_learning_rate_is_chosen():
+  slow = {'epochs_to_target': 3.0, 'train_error': [1, 0.2]}
+  fast = {'epochs_to_target': 1.0, 'train_error': [1, 0.3]}
+  never = {'epochs_to_target': None, 'train_error': [1, 0.01]}
+  key = relu_vs_tanh._speed_key  # pylint: disable=protected-access
+  assert min([slow, never, fast], key=key) is fast
+  assert jnp.isinf(key(never)[0])
