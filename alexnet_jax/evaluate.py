@@ -34,15 +34,6 @@ CROP_SETTINGS = {'center_crop': False, 'ten_crop': True}  # name -> eval_iterato
 ENSEMBLE = 'ensemble'
 
 
-def _probabilities_step(params: Any, images: jax.Array, *, model) -> jax.Array:
-  """Softmax outputs of one device's images; [b, 10, S, S, 3] averages the ten patches (§4.1)."""
-  if images.ndim == 5:
-    b, crops = images.shape[:2]
-    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]))
-    return jax.nn.softmax(logits).reshape(b, crops, -1).mean(axis=1)
-  return jax.nn.softmax(model.apply({'params': params}, images))
-
-
 def predict_split(model, params: Any, config, *, ten_crop: bool, workdir: str | None,
                   split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Softmax outputs [N, classes] and labels [N] of every example of `split`, in split order.
@@ -50,7 +41,7 @@ def predict_split(model, params: Any, config, *, ten_crop: bool, workdir: str | 
   N is the number of (readable) examples: the padding of the last batch is dropped by its mask.
   `params` are host (unreplicated) parameters; the batches are spread over the local devices.
   """
-  p_probs = jax.pmap(lambda p, x: _probabilities_step(p, x, model=model))
+  p_probs = jax.pmap(lambda p, x: steps.probabilities(p, x, model=model))
   rparams = steps.replicate(params)
   name = split or config.eval_split
   # For the progress log only (one process's share is about this many batches).

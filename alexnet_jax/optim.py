@@ -11,6 +11,7 @@ learning rates it was built with, as in the paper's rule, so the two differ only
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import jax.numpy as jnp
@@ -49,12 +50,6 @@ def with_learning_rate(opt_state: Any, learning_rate: jnp.ndarray) -> Any:
   return opt_state._replace(hyperparams=hyperparams)
 
 
-def step_schedule(config: Any, steps_per_epoch: int) -> optax.Schedule:
-  """Divides the learning rate by 1/lr_decay_factor at each of `lr_decay_epochs`."""
-  boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs}
-  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
-
-
 def plateau_transform(config: Any) -> optax.GradientTransformation:
   """§5: divide by 10 when the validation error stops improving, at most three times.
 
@@ -79,13 +74,16 @@ class LearningRate:
     self.kind = config.lr_schedule
     self.base = config.learning_rate
     self.factor = config.lr_decay_factor
-    self._step_fn = step_schedule(config, steps_per_epoch)
+    # 'step': divide by 1/lr_decay_factor at each of lr_decay_epochs. Evaluated on the host
+    # every step as a bisect; optax.piecewise_constant_schedule (the same values, tested) would
+    # run jnp ops whose float() waits for the device queue each step.
+    self._bounds = sorted(int(e * steps_per_epoch) for e in config.lr_decay_epochs)
     self._plateau = plateau_transform(config)
     self.plateau_state = self._plateau.init(jnp.zeros(()))
 
   def value(self, step: int) -> float:
     if self.kind == 'step':
-      return float(self._step_fn(step))
+      return self.base * self.factor ** bisect.bisect_right(self._bounds, step)
     return self.base * float(self.plateau_state.scale)
 
   def observe(self, val_error: float) -> None:

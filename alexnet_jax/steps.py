@@ -19,6 +19,7 @@ import optax
 from jax import lax
 
 from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import models
 from alexnet_jax import optim
 
 AXIS = 'devices'
@@ -37,8 +38,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
                        image_size: int) -> TrainState:
   """Initial state: §5's initialisation from `seed`, fresh optimizer state, step 0."""
   init_key, base_key = jax.random.split(jax.random.key(seed))
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = jax.jit(lambda k: model.init({'params': k}, x, train=False)['params'])(init_key)
+  params = jax.jit(lambda k: models.init_params(model, k, image_size))(init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(base_key))
 
@@ -74,6 +74,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: ja
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
 
+def probabilities(params: Any, images: jax.Array, *, model: nn.Module) -> jax.Array:
+  """Softmax outputs; for [B, 10, H, W, 3] the average over the ten patches (§4.1)."""
+  if images.ndim == 5:
+    b, crops = images.shape[:2]
+    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]))
+    return jnp.mean(jax.nn.softmax(logits).reshape(b, crops, -1), axis=1)
+  return jax.nn.softmax(model.apply({'params': params}, images))
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
               ) -> dict[str, jax.Array]:
   """Sums of loss and top-1/top-5 errors over the real (mask=True) examples of a batch.
@@ -83,12 +92,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
   """
   images, labels = batch['image'], batch['label']
   mask = batch['mask'].astype(jnp.float32)
-  if images.ndim == 5:
-    b, crops = images.shape[:2]
-    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]))
-    probs = jnp.mean(jax.nn.softmax(logits).reshape(b, crops, -1), axis=1)
-  else:
-    probs = jax.nn.softmax(model.apply({'params': params}, images))
+  probs = probabilities(params, images, model=model)
   nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
   sums = {
       'loss': jnp.sum(nll * mask),

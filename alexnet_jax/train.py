@@ -60,7 +60,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value % devices:
       fail(field, f'must divide evenly over the {devices} devices '
                   f'(try a multiple of {devices})')
-  for field in ('num_epochs', 'num_classes', 'image_size', 'resize_size', 'log_every_steps'):
+  for field in ('num_epochs', 'num_classes', 'image_size', 'resize_size', 'log_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
     if not isinstance(config.get(field), (int, float)) or config.get(field) <= 0:
       fail(field, 'must be positive')
   if config.image_size > config.resize_size:
@@ -125,7 +126,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def run_evaluation(p_eval, params, config: ml_collections.ConfigDict, *, ten_crop: bool,
-                   workdir: str | None, split: str | None = None) -> dict[str, float]:
+                   workdir: str | None) -> dict[str, float]:
   """Top-1/top-5 error and loss over the whole eval split (padded batches are masked out)."""
   info = input_pipeline.get_dataset_info(config)
   total = input_pipeline.num_eval_batches(config, info)
@@ -133,7 +134,7 @@ def run_evaluation(p_eval, params, config: ml_collections.ConfigDict, *, ten_cro
     total = min(total, config.num_eval_steps)
   sums = None
   start = time.time()
-  it = input_pipeline.eval_iterator(config, split=split, ten_crop=ten_crop, workdir=workdir)
+  it = input_pipeline.eval_iterator(config, ten_crop=ten_crop, workdir=workdir)
   try:
     for i, batch in enumerate(it):
       if i >= total:
@@ -154,14 +155,14 @@ class _PendingMetrics:
   """Per-step metrics kept on the device until a log or a save fetches them (no sync per step)."""
 
   def __init__(self):
-    self.items: list[tuple[int, Any]] = []
+    self.items: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked
+    self.checked: list[tuple[int, dict[str, float]]] = []  # host values not yet logged
 
   def add(self, step: int, m: Any) -> None:
     self.items.append((step, m))
 
-  def fetch(self) -> list[tuple[int, dict[str, float]]]:
-    """Host values of all pending metrics; raises TrainingDivergedError on a NaN or inf loss."""
-    out = []
+  def check(self) -> None:
+    """Moves pending metrics to the host; raises TrainingDivergedError on a NaN or inf loss."""
     for step, m in self.items:
       host = {k: float(np.asarray(v.addressable_shards[0].data)[0]) for k, v in m.items()}
       if not math.isfinite(host['train/loss']):
@@ -169,8 +170,13 @@ class _PendingMetrics:
             f'The training loss became {host["train/loss"]} at step {step}. Stopping; the last '
             'good checkpoint is kept. Try a lower --config.learning_rate, '
             '--config.bias_init_one=0.1 (Caffe), or float32 instead of bfloat16.')
-      out.append((step, host))
+      self.checked.append((step, host))
     self.items = []
+
+  def take(self) -> list[tuple[int, dict[str, float]]]:
+    """All metrics since the last `take` (checked), for logging."""
+    self.check()
+    out, self.checked = self.checked, []
     return out
 
 
@@ -183,14 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(os.path.expanduser(workdir))
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  info = input_pipeline.get_dataset_info(config)
-  if info.num_classes != config.num_classes:
-    raise ValueError(f'config.num_classes={config.num_classes} but {config.dataset!r} has '
-                     f'{info.num_classes} classes')
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
-  if steps_per_epoch < 1:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the '
-                     f'{info.num_train} training examples')
+  info = input_pipeline.get_dataset_info(config)  # Checks the classes fit num_classes.
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)  # Checks one batch fits.
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_eval: dict[str, float] = {}
 
   def save(step, eval_metrics=None):
-    pending.fetch()  # Never checkpoint a diverged state: neither its loss...
+    pending.check()  # Never checkpoint a diverged state: neither its loss...
     host = steps.unreplicate(rstate)
     if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host.params)):
       # ...nor its parameters (the last step's update can overflow while its loss, computed
@@ -271,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending.add(step, step_metrics)
 
         if step % config.log_every_steps == 0 or step == total_steps:
-          history = pending.fetch()
+          history = pending.take()
           elapsed = time.time() - window_start
           ips = window_steps * config.batch_size / elapsed if window_steps else float('nan')
           scalars = dict(history[-1][1])
@@ -289,15 +289,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           window_start, window_steps = time.time(), 0
 
         paused = time.time()  # Evaluations and saves do not count in training images/sec.
-        did_eval = False
+        did_eval = saved = False
         if step % eval_every == 0 or step == total_steps:
           last_eval = evaluate_now(step)
           did_eval = True
         if did_eval or step % config.checkpoint_every_steps == 0 or step == total_steps:
           save(step, last_eval if did_eval else None)
+          saved = True
         window_start += time.time() - paused
         if stop.signal is not None:
-          save(step)
+          if not saved:
+            save(step)
           logging.warning('Stopped at step %d on request; rerun the same command to resume.',
                           step)
           break

@@ -74,6 +74,10 @@ def test_step_schedule_divides_by_ten_at_the_configured_epochs():
   assert lr.value(40) == pytest.approx(0.0001)
   lr.observe(0.5)  # Validation errors do not move a step schedule.
   assert lr.value(0) == pytest.approx(0.01)
+  # The same values as optax's piecewise-constant schedule at every step.
+  reference = optax.piecewise_constant_schedule(0.01, {20: 0.1, 40: 0.1})
+  for step in range(60):
+    assert lr.value(step) == pytest.approx(float(reference(step)), rel=1e-6), step
 
 
 def test_plateau_schedule_divides_when_validation_error_stops_improving_three_times_at_most():

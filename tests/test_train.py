@@ -121,6 +121,7 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     ('model', 'resnet', 'unknown variant'),
     ('lr_schedule', 'cosine', 'choose one of'),
     ('image_size', 64, 'larger than the resized image'),
+    ('checkpoint_every_steps', 0, 'positive'),
 ])
 def test_bad_config_values_stop_before_any_work(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=f'config.{field}=.*{message}'):
