@@ -157,8 +157,7 @@ def main(argv: Sequence[str]) -> None:
   """Runs the sweep, writes --output and prints the table."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  train.quiet_library_logs()
+  train.console_logging()
   f = flags.FLAGS
   overrides = {'num_train_steps': f.num_train_steps} if f.num_train_steps > 0 else None
   result = run_ablations(f.names, range(f.seeds), f.epochs, workdir=f.workdir,

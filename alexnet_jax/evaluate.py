@@ -179,8 +179,7 @@ def main(argv: Sequence[str]) -> None:
   """Evaluates --workdirs, prints the table and writes --output."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  train.quiet_library_logs()
+  train.console_logging()
   f = flags.FLAGS
   report = evaluate_workdirs(f.workdirs or [], split=f.split, which=f.checkpoint, crops=f.crops)
   print(format_table(report))

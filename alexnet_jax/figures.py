@@ -340,8 +340,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'Name one figure: python -m alexnet_jax.figures {{{",".join(COMMANDS)}}}'
                          ' --workdir=DIR --output=FILE.png')
-  logging.set_verbosity(logging.INFO)
-  train.quiet_library_logs()
+  train.console_logging()
   f = flags.FLAGS
   try:
     if argv[1] == 'filters':

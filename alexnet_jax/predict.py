@@ -141,8 +141,7 @@ def main(argv: Sequence[str]) -> None:
   if not paths:
     raise app.UsageError('Name at least one image: python -m alexnet_jax.predict '
                          '--workdir=DIR IMAGE [IMAGE ...]')
-  logging.set_verbosity(logging.INFO)
-  train.quiet_library_logs()
+  train.console_logging()
   f = flags.FLAGS
   try:
     predictions = predict_files(f.workdir, paths, ten_crop=f.ten_crop, which=f.checkpoint)

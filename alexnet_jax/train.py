@@ -30,9 +30,12 @@ from alexnet_jax import steps
 BUILTIN_SOURCES = ('digits', 'folder', 'synthetic')
 
 
-def quiet_library_logs() -> None:
-  """Drops the INFO chatter of Orbax (dozens of lines per checkpoint) from the console."""
+def console_logging() -> None:
+  """The commands' console: INFO progress lines, without Orbax's INFO chatter (dozens of lines
+  per checkpoint)."""
   import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.INFO)
 
   class _Filter(std_logging.Filter):
 
