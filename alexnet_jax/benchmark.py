@@ -51,6 +51,12 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_jpegs', 512, 'JPEGs to generate for pipeline/loop.')
   flags.DEFINE_string('peer', None, 'Path of peer_torch_alexnet.py: run it (fp32, and bf16 '
                       'channels-last) right after the train step and print the ratio.')
+  flags.DEFINE_list('peer_malloc', ['default', 'kept'], 'Run the peer with glibc\'s default '
+                    'allocator settings, and/or "kept": the settings of --keep_freed_memory, '
+                    'given by environment variables (the like-for-like comparison).')
+  flags.DEFINE_bool('keep_freed_memory', True, 'glibc keeps and reuses freed memory in this '
+                    'process (alexnet_jax.host; what main.py does). --nokeep_freed_memory '
+                    'measures glibc\'s defaults.')
   flags.DEFINE_bool('json', False, 'Also print one JSON line per measurement.')
 
 
@@ -254,16 +260,27 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
   return results
 
 
-def run_peer(peer: str, batch: int, steps_: int) -> list[dict[str, Any]]:
-  """Runs the PyTorch peer script (fp32 NCHW, then bf16 channels-last); [] without torch."""
+def run_peer(peer: str, batch: int, steps_: int,
+             malloc: tuple[str, ...] = ('default',)) -> list[dict[str, Any]]:
+  """Runs the PyTorch peer script (fp32 NCHW, then bf16 channels-last) under each allocator
+  setting in `malloc` ('default', or 'kept' = ours, by environment variables); [] without torch.
+  """
+  from alexnet_jax import host  # pylint: disable=g-import-not-at-top
+  unknown = set(malloc) - {'default', 'kept'}
+  if unknown:
+    raise app.UsageError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
   results = []
-  for extra in ([], ['--channels-last', '--bf16']):
-    cmd = [sys.executable, peer, '--batch', str(batch), '--steps', str(steps_), '--json', *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-      print(f'Peer failed ({" ".join(cmd)}):\n{proc.stderr[-2000:]}', file=sys.stderr)
-      return results
-    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  host.release_freed_memory()  # Our kept heap must not crowd the peer's memory.
+  for setting in malloc:
+    env = dict(os.environ, **(host.malloc_env() if setting == 'kept' else {}))
+    for extra in ([], ['--channels-last', '--bf16']):
+      cmd = [sys.executable, peer, '--batch', str(batch), '--steps', str(steps_), '--json',
+             *extra]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+      if proc.returncode != 0:
+        print(f'Peer failed ({" ".join(cmd)}):\n{proc.stderr[-2000:]}', file=sys.stderr)
+        return results
+      results.append(dict(json.loads(proc.stdout.strip().splitlines()[-1]), malloc=setting))
   return results
 
 
@@ -278,6 +295,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 def main(argv) -> None:
   del argv
+  from alexnet_jax import host  # pylint: disable=g-import-not-at-top
+  kept = FLAGS.keep_freed_memory and host.keep_freed_memory()  # Before JAX starts its threads.
   if FLAGS.cpu_devices:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
@@ -295,14 +314,17 @@ def main(argv) -> None:
   models.create_model(config)  # Bad model fields fail here, before any work.
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {jax.device_count()} '
         f'devices, {os.cpu_count()} CPUs; model={config.model} dtype={config.dtype} '
-        f'batch={config.batch_size}', flush=True)
+        f'batch={config.batch_size} malloc={"kept" if kept else "default"}', flush=True)
   results = []
   if 'train' in FLAGS.what:
-    results.append(measure_train(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup))
+    results.append(dict(measure_train(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup),
+                        malloc='kept' if kept else 'default'))
     _print(results[-1], FLAGS.json)
     if FLAGS.peer:
-      for peer in run_peer(FLAGS.peer, config.batch_size, FLAGS.steps):
-        peer['measurement'] = 'peer_torch' + ('_bf16_cl' if peer['bf16'] else '_fp32')
+      for peer in run_peer(FLAGS.peer, config.batch_size, FLAGS.steps,
+                           tuple(FLAGS.peer_malloc)):
+        peer['measurement'] = ('peer_torch' + ('_bf16_cl' if peer['bf16'] else '_fp32') +
+                               ('_kept' if peer['malloc'] == 'kept' else ''))
         peer['ratio_ours_to_peer'] = (results[0]['train_images_per_sec'] /
                                       peer['train_images_per_sec'])
         results.append(peer)

@@ -163,6 +163,7 @@ class ColumnConv(nn.Module):
   columns: int = 1
   impl: str = 'auto'
   conv_impl: str = 'auto'  # strided convolutions: see ops.strided_conv.
+  conv_backend: str = 'auto'  # 'xla' | 'onednn' | 'auto': see ops.resolve_conv_backend.
   kernel_init: Callable = nn.initializers.normal(0.01)
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -179,9 +180,11 @@ class ColumnConv(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    conv = lambda lhs, rhs, groups=1: ops.conv(lhs, rhs, self.strides, self.padding, groups)
+    conv = lambda lhs, rhs, groups=1: ops.conv(lhs, rhs, self.strides, self.padding, groups,
+                                               self.conv_backend)
     if g == 1 and self.strides > 1:
-      y = ops.strided_conv(x, kernel, self.strides, self.padding, self.conv_impl)
+      y = ops.strided_conv(x, kernel, self.strides, self.padding, self.conv_impl,
+                           self.conv_backend)
     elif g == 1:
       y = conv(x, kernel)
     elif resolve_column_impl(self.impl) == 'grouped':
@@ -235,6 +238,7 @@ class AlexNet(nn.Module):
   pool_impl: str = 'auto'
   lrn_impl: str = 'auto'
   conv_impl: str = 'auto'
+  conv_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -250,8 +254,9 @@ class AlexNet(nn.Module):
     x = x.astype(dtype)
     for spec in conv_specs(self.variant):
       x = ColumnConv(spec.features, spec.kernel, spec.stride, spec.padding, spec.columns,
-                     self.column_impl, self.conv_impl, w_init, b_init(spec.bias_one), dtype,
-                     name=spec.name)(x)
+                     impl=self.column_impl, conv_impl=self.conv_impl,
+                     conv_backend=self.conv_backend, kernel_init=w_init,
+                     bias_init=b_init(spec.bias_one), dtype=dtype, name=spec.name)(x)
       x = act(x)
       self.sow('intermediates', spec.name + '_out', x)
       if spec.lrn and self.lrn:
@@ -291,6 +296,9 @@ def create_model(config: Any) -> AlexNet:
                      f'{tuple(ACTIVATIONS)}')
   if config.column_impl not in COLUMN_IMPLS:
     raise ValueError(f'config.column_impl={config.column_impl!r}: choose one of {COLUMN_IMPLS}')
+  if config.get('conv_backend', 'auto') not in ops.CONV_BACKENDS:
+    raise ValueError(f'config.conv_backend={config.conv_backend!r}: choose one of '
+                     f'{ops.CONV_BACKENDS}')
   if not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f'config.dropout_rate={config.dropout_rate!r} must be in [0, 1)')
   return AlexNet(
@@ -301,7 +309,8 @@ def create_model(config: Any) -> AlexNet:
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
       dtype=config.dtype, column_impl=config.column_impl,
       pool_impl=config.get('pool_impl', 'auto'), lrn_impl=config.get('lrn_impl', 'auto'),
-      conv_impl=config.get('conv_impl', 'auto'))
+      conv_impl=config.get('conv_impl', 'auto'),
+      conv_backend=config.get('conv_backend', 'auto'))
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:

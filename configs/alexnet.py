@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.pool_impl = 'auto'
   c.lrn_impl = 'auto'
   c.conv_impl = 'auto'
+  # Who computes the convolutions: 'auto' (oneDNN on the CPU backend in float32 when its calls
+  # build, alexnet_jax/onednn.py; XLA elsewhere), 'xla' or 'onednn'.
+  c.conv_backend = 'auto'
 
   # ---- Optimisation (§5) ----
   c.batch_size = 128  # §5: batch 128 (global, over all devices).

@@ -1,0 +1,168 @@
+"""Convolutions through oneDNN on XLA:CPU: XLA FFI custom calls with a hand-written VJP.
+
+XLA:CPU's own kernels run the gradients of the paper's stride-1 convolutions at 65-140 GFLOP/s
+on our 2-core AVX-512 machine (conv2's input and kernel gradients at 70-90); oneDNN, the
+library PyTorch uses on CPUs, runs forward, input gradient and kernel gradient of the same
+layers at 190-245 GFLOP/s there (BENCHMARKS.md). This module makes oneDNN's convolutions
+available to JAX on the CPU backend:
+
+* `csrc/onednn_conv.cc` holds three XLA FFI handlers (forward, input gradient, kernel gradient)
+  on JAX's own layouts (NHWC activations, HWIO kernels, float32);
+* `available()` compiles it once with the system's C++ compiler against the `onednn-cpu-gomp`
+  and `onednn-devel-cpu-gomp` wheels (requirements.txt) and JAX's FFI headers, caches the shared
+  library (`$ALEXNET_JAX_CACHE`, default ~/.cache/alexnet_jax) and registers the handlers; where
+  anything is missing it says why, once, and the callers keep XLA's convolutions;
+* `conv2d` is the convolution with a `jax.custom_vjp` whose backward pass is the two gradient
+  calls. Tests compare values and gradients with `lax.conv_general_dilated` + `jax.grad`.
+
+Only the CPU backend can run these calls; `ops.conv` uses them on the CPU only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'onednn_conv.cc')
+_TARGETS = {  # FFI target name -> symbol in the shared library.
+    'alexnet_onednn_conv_fwd': 'AlexnetOnednnConvFwd',
+    'alexnet_onednn_conv_bwd_data': 'AlexnetOnednnConvBwdData',
+    'alexnet_onednn_conv_bwd_weights': 'AlexnetOnednnConvBwdWeights',
+}
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+_unavailable_reason: str | None = None
+
+
+def _dnnl_prefix() -> str | None:
+  """The install prefix holding oneDNN's headers and library (where pip puts wheel data)."""
+  import site  # pylint: disable=g-import-not-at-top
+  prefixes = [sys.prefix, sys.base_prefix, site.getuserbase()]
+  for prefix in dict.fromkeys(prefixes):
+    if (os.path.exists(os.path.join(prefix, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')) and
+        os.path.exists(os.path.join(prefix, 'lib', 'libdnnl.so'))):
+      return prefix
+  return None
+
+
+def cache_dir() -> str:
+  return os.environ.get('ALEXNET_JAX_CACHE',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax'))
+
+
+def _build() -> str:
+  """Compiles csrc/onednn_conv.cc (once per source, JAX and oneDNN) and returns the .so path."""
+  prefix = _dnnl_prefix()
+  if prefix is None:
+    raise RuntimeError('oneDNN is not installed (pip install onednn-cpu-gomp '
+                       'onednn-devel-cpu-gomp, as in requirements.txt)')
+  cxx = shutil.which(os.environ.get('CXX', 'g++'))
+  if cxx is None:
+    raise RuntimeError('no C++ compiler (g++, or $CXX) to build the oneDNN calls')
+  lib_dir = os.path.join(prefix, 'lib')
+  cmd_flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-isystem', jax.ffi.include_dir(),
+               '-isystem', os.path.join(prefix, 'include')]
+  with open(_SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + repr((cmd_flags, lib_dir, jax.__version__,
+                                          os.path.realpath(os.path.join(lib_dir, 'libdnnl.so'))
+                                          )).encode()).hexdigest()[:16]
+  path = os.path.join(cache_dir(), f'onednn_conv-{key}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache_dir(), exist_ok=True)
+  logging.info('Building the oneDNN convolution calls (once): %s', path)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache_dir())
+  os.close(fd)
+  cmd = [cxx, *cmd_flags, _SOURCE, '-o', tmp, f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f'building the oneDNN calls failed ({" ".join(cmd)}):\n'
+                       f'{proc.stderr[-3000:]}')
+  os.replace(tmp, path)  # Atomic: processes building at once each see a whole file.
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """Whether the oneDNN convolutions are built and registered (builds them the first time).
+
+  False, with the reason logged once (and kept in `unavailable_reason()`), where oneDNN, a C++
+  compiler or a CPU JAX backend is missing; callers then keep XLA's convolutions.
+  """
+  global _unavailable_reason
+  try:
+    if 'cpu' not in {d.platform for d in jax.devices('cpu')}:
+      raise RuntimeError('no CPU backend')
+    # oneDNN's OpenMP threads sleep between calls instead of spinning on the cores XLA needs.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    lib = ctypes.cdll.LoadLibrary(_build())
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform='cpu')
+    return True
+  except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+    _unavailable_reason = str(e)
+    logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
+    return False
+
+
+def unavailable_reason() -> str | None:
+  return _unavailable_reason
+
+
+def _attrs(stride: int, padding: Padding) -> dict[str, np.int64]:
+  (pt, pb), (pl, pr) = padding
+  return {'stride': np.int64(stride), 'pad_top': np.int64(pt), 'pad_left': np.int64(pl),
+          'pad_bottom': np.int64(pb), 'pad_right': np.int64(pr)}
+
+
+def output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int,
+                 padding: Padding) -> tuple[int, int, int, int]:
+  (pt, pb), (pl, pr) = padding
+  kh, kw, _, cout = kernel_shape
+  return (x_shape[0], (x_shape[1] + pt + pb - kh) // stride + 1,
+          (x_shape[2] + pl + pr - kw) // stride + 1, cout)
+
+
+def _call(target: str, shape: Sequence[int], a: jax.Array, b: jax.Array, stride: int,
+          padding: Padding) -> jax.Array:
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
+                          vmap_method='sequential')(a, b, **_attrs(stride, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+  """Cross-correlation of float32 NHWC `x` with an HWIO `kernel` by oneDNN (CPU backend only).
+
+  `padding` is ((top, bottom), (left, right)). Call `available()` first.
+  """
+  return _call('alexnet_onednn_conv_fwd', output_shape(x.shape, kernel.shape, stride, padding),
+               x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return conv2d(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  dx = _call('alexnet_onednn_conv_bwd_data', x.shape, dy, kernel, stride, padding)
+  dkernel = _call('alexnet_onednn_conv_bwd_weights', kernel.shape, x, dy, stride, padding)
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -1,0 +1,89 @@
+"""The oneDNN convolution calls: values and gradients against XLA's convolution and jax.grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from alexnet_jax import models
+from alexnet_jax import onednn
+from alexnet_jax import ops
+from configs import tiny
+
+pytestmark = pytest.mark.skipif(not onednn.available(),
+                                reason=f'oneDNN calls unavailable: {onednn.unavailable_reason()}')
+
+
+def _reference(x, w, stride, padding):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('shape', [
+    # batch, size, in, out, kernel, stride, padding ((top, bottom), (left, right))
+    (3, 27, 48, 128, 5, 1, ((2, 2), (2, 2))),  # conv2, one column
+    (2, 13, 256, 384, 3, 1, ((1, 1), (1, 1))),  # conv3
+    (2, 35, 3, 96, 11, 4, ((2, 2), (2, 2))),  # conv1's geometry on a small image
+    (2, 10, 5, 7, 3, 2, ((0, 1), (1, 0))),  # odd channels, stride 2, uneven padding
+])
+def test_values_and_gradients_match_xla(shape):
+  b, s, cin, cout, k, stride, padding = shape
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (b, s, s, cin))
+  w = jax.random.normal(kw, (k, k, cin, cout)) / np.sqrt(k * k * cin)
+  ours = jax.jit(lambda x, w: onednn.conv2d(x, w, stride, padding))(x, w)
+  ref = _reference(x, w, stride, padding)
+  assert ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+  g = jax.random.normal(kg, ref.shape)  # a random cotangent, so no gradient term cancels
+  grads = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1)))(x, w)
+  (dx, dw), (dx_ref, dw_ref) = grads(lambda x, w: onednn.conv2d(x, w, stride, padding)), grads(
+      lambda x, w: _reference(x, w, stride, padding))
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=2e-4)
+
+
+def test_model_gradients_same_with_either_backend():
+  config = tiny.get_config()
+  config.model = 'paper'
+  config.image_size = 67  # conv1..pool5 all non-empty at 67x67.
+  x = jax.random.normal(jax.random.key(1), (2, 67, 67, 3)) * 50
+  results = []
+  for backend in ('xla', 'onednn'):
+    config.conv_backend = backend
+    model = models.create_model(config)
+    params = models.init_params(model, jax.random.key(0), 67)
+    logits = lambda p: model.apply({'params': p}, x)  # pylint: disable=cell-var-from-loop
+    cotangent = jax.random.normal(jax.random.key(2), (2, config.num_classes))
+    results.append((jax.jit(logits)(params),
+                    jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * cotangent)))(params)))
+  (y0, g0), (y1, g1) = results
+  np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y0))))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6 + 2e-3 * float(jnp.max(jnp.abs(a))))
+
+
+def test_backend_choice():
+  assert ops.resolve_conv_backend('auto', jnp.float32) == 'onednn'  # the CPU backend here
+  assert ops.resolve_conv_backend('auto', jnp.bfloat16) == 'xla'
+  assert ops.resolve_conv_backend('xla', jnp.float32) == 'xla'
+  with pytest.raises(ValueError, match='float32'):
+    ops.resolve_conv_backend('onednn', jnp.bfloat16)
+  with pytest.raises(ValueError, match='conv_backend'):
+    ops.resolve_conv_backend('cudnn', jnp.float32)
+
+
+def test_unavailable_falls_back_to_xla_or_says_why(monkeypatch):
+  monkeypatch.setattr(onednn, 'available', lambda: False)
+  monkeypatch.setattr(onednn, '_unavailable_reason', 'no C++ compiler (test)')
+  assert ops.resolve_conv_backend('auto', jnp.float32) == 'xla'
+  with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
+    ops.resolve_conv_backend('onednn', jnp.float32)
+
+
+def test_build_without_compiler_names_the_problem(monkeypatch, tmp_path):
+  monkeypatch.setenv('ALEXNET_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler-here')
+  with pytest.raises(RuntimeError, match='C\\+\\+ compiler'):
+    onednn._build()  # pylint: disable=protected-access
