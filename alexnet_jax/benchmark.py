@@ -217,11 +217,12 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
 
   What `ops` and `models.ColumnConv` choose between: conv1 (im2col vs XLA's strided
   convolution; kernel gradient only, as in training), LRN1 (hand-written vs autodiff gradient),
-  pool1 (mask vs select-and-scatter gradient) and conv2 (two half-convolutions vs
-  feature_group_count=2).
+  pool1 (mask vs select-and-scatter gradient), conv2 (two half-convolutions vs
+  feature_group_count=2), and conv1/conv2/conv3 by oneDNN where its calls are available.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   from alexnet_jax import ops  # pylint: disable=g-import-not-at-top
   key = jax.random.key(0)
   image = jax.random.normal(key, (batch, 224, 224, 3)) * 60.0
@@ -229,10 +230,12 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
   pool1 = jax.random.normal(key, (batch, 27, 27, 96))
   w1 = jax.random.normal(key, (11, 11, 3, 96)) * 0.01
   w2 = jax.random.normal(key, (5, 5, 48, 256)) * 0.01
-  pad1, pad2 = ((2, 2), (2, 2)), ((2, 2), (2, 2))
+  pool2 = jax.random.normal(key, (batch, 13, 13, 256))
+  w3 = jax.random.normal(key, (3, 3, 256, 384)) * 0.01
+  pad1, pad2, pad3 = ((2, 2), (2, 2)), ((2, 2), (2, 2)), ((1, 1), (1, 1))
 
-  def split2(x, w):
-    return jnp.concatenate([ops.conv(a, b, 1, pad2) for a, b in
+  def split2(x, w, backend='xla'):
+    return jnp.concatenate([ops.conv(a, b, 1, pad2, backend=backend) for a, b in
                             zip(jnp.split(x, 2, -1), jnp.split(w, 2, -1))], -1)
 
   cases = [
@@ -245,7 +248,15 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
       ('pool1', 'reduce_window', lambda x: ops.max_pool(x, 3, 2, 'reduce_window'), (act1,)),
       ('conv2', 'split', split2, (pool1, w2)),
       ('conv2', 'grouped', lambda x, w: ops.conv(x, w, 1, pad2, 2), (pool1, w2)),
+      ('conv3', 'xla', lambda x, w: ops.conv(x, w, 1, pad3), (pool2, w3)),
   ]
+  if onednn.available():
+    cases += [
+        ('conv1', 'onednn', lambda w: ops.conv(image, w, 4, pad1, backend='onednn'), (w1,)),
+        ('conv2', 'split_onednn', lambda x, w: split2(x, w, 'onednn'), (pool1, w2)),
+        ('conv3', 'onednn', lambda x, w: ops.conv(x, w, 1, pad3, backend='onednn'),
+         (pool2, w3)),
+    ]
   results = []
   for layer, impl, f, args in cases:
 

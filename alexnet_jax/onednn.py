@@ -107,8 +107,6 @@ def available() -> bool:
   try:
     if 'cpu' not in {d.platform for d in jax.devices('cpu')}:
       raise RuntimeError('no CPU backend')
-    # oneDNN's OpenMP threads sleep between calls instead of spinning on the cores XLA needs.
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     lib = ctypes.cdll.LoadLibrary(_build())
     for target, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
