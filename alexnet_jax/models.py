@@ -193,7 +193,7 @@ class ColumnConv(nn.Module):
       xs = jnp.split(x, g, axis=-1)
       ks = jnp.split(kernel, g, axis=-1)
       y = jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
-    return y + bias.astype(self.dtype)
+    return (y.astype(jnp.float32) + bias).astype(self.dtype)  # Bias sums in float32.
 
 
 def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:

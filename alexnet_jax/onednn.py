@@ -1,13 +1,14 @@
 """Convolutions through oneDNN on XLA:CPU: XLA FFI custom calls with a hand-written VJP.
 
-XLA:CPU's own kernels run the gradients of the paper's stride-1 convolutions at 65-140 GFLOP/s
+XLA:CPU's own kernels run the float32 gradients of the paper's stride-1 convolutions at 65-140 GFLOP/s
 on our 2-core AVX-512 machine (conv2's input and kernel gradients at 70-90); oneDNN, the
 library PyTorch uses on CPUs, runs forward, input gradient and kernel gradient of the same
 layers at 190-245 GFLOP/s there (BENCHMARKS.md). This module makes oneDNN's convolutions
 available to JAX on the CPU backend:
 
 * `csrc/onednn_conv.cc` holds three XLA FFI handlers (forward, input gradient, kernel gradient)
-  on JAX's own layouts (NHWC activations, HWIO kernels, float32);
+  on JAX's own layouts (NHWC activations, HWIO kernels; float32, or bfloat16 where the CPU
+  multiplies it natively);
 * `available()` compiles it once with the system's C++ compiler against the `onednn-cpu-gomp`
   and `onednn-devel-cpu-gomp` wheels (requirements.txt) and JAX's FFI headers, caches the shared
   library (`$ALEXNET_JAX_CACHE`, default ~/.cache/alexnet_jax) and registers the handlers; where
@@ -122,6 +123,18 @@ def unavailable_reason() -> str | None:
   return _unavailable_reason
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+  """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read from
+  /proc/cpuinfo; without it oneDNN's bfloat16 convolutions are no faster than float32."""
+  try:
+    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+      flags = next((line for line in f if line.startswith('flags')), '').split()
+  except OSError:
+    return False
+  return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
 def _attrs(stride: int, padding: Padding) -> dict[str, np.int64]:
   (pt, pb), (pl, pr) = padding
   return {'stride': np.int64(stride), 'pad_top': np.int64(pt), 'pad_left': np.int64(pl),
@@ -138,16 +151,20 @@ def output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: in
 
 def _call(target: str, shape: Sequence[int], a: jax.Array, b: jax.Array, stride: int,
           padding: Padding) -> jax.Array:
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), a.dtype),
                           vmap_method='sequential')(a, b, **_attrs(stride, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-  """Cross-correlation of float32 NHWC `x` with an HWIO `kernel` by oneDNN (CPU backend only).
+  """Cross-correlation of NHWC `x` with an HWIO `kernel` by oneDNN (CPU backend only).
 
-  `padding` is ((top, bottom), (left, right)). Call `available()` first.
+  Both float32 or both bfloat16; `padding` is ((top, bottom), (left, right)). Call
+  `available()` first.
   """
+  if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f'onednn.conv2d takes float32 or bfloat16 operands of one type, got '
+                    f'{x.dtype} and {kernel.dtype}')
   return _call('alexnet_onednn_conv_fwd', output_shape(x.shape, kernel.shape, stride, padding),
                x, kernel, stride, padding)
 

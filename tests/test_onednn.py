@@ -54,6 +54,33 @@ def test_values_and_gradients_match_xla(shape):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=2e-4)
 
 
+def test_bfloat16_matches_float32_of_the_rounded_operands():
+  # bfloat16 in and out: compare with float32 XLA on the same (bfloat16-rounded) inputs; what
+  # may differ is the rounding of the result and accumulation order, ~1e-2 relative at most.
+  padding = ((2, 2), (2, 2))
+  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (3, 27, 27, 48)).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (5, 5, 48, 128)) / 35).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (3, 27, 27, 128)).astype(jnp.bfloat16)
+  f32 = lambda a: a.astype(jnp.float32)
+  y = jax.jit(lambda x, w: onednn.conv2d(x, w, 1, padding))(x, w)
+  assert y.dtype == jnp.bfloat16
+  ref = _reference(f32(x), f32(w), 1, padding)
+  scale = float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(f32(y), ref, atol=1e-2 * scale)
+  dx, dw = jax.jit(jax.vjp(lambda x, w: onednn.conv2d(x, w, 1, padding), x, w)[1])(g)
+  dx_ref, dw_ref = jax.vjp(lambda x, w: _reference(x, w, 1, padding), f32(x), f32(w))[1](f32(g))
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(dx), dx_ref, atol=1e-2 * float(jnp.max(jnp.abs(dx_ref))))
+  np.testing.assert_allclose(f32(dw), dw_ref, atol=1e-2 * float(jnp.max(jnp.abs(dw_ref))))
+
+
+def test_mixed_types_are_refused():
+  with pytest.raises(TypeError, match='one type'):
+    onednn.conv2d(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2), jnp.bfloat16), 1,
+                  ((1, 1), (1, 1)))
+
+
 def test_model_gradients_same_with_either_backend():
   config = tiny.get_config()
   config.model = 'paper'
@@ -76,10 +103,11 @@ def test_model_gradients_same_with_either_backend():
 
 def test_backend_choice():
   assert ops.resolve_conv_backend('auto', jnp.float32) == 'onednn'  # the CPU backend here
-  assert ops.resolve_conv_backend('auto', jnp.bfloat16) == 'xla'
+  assert ops.resolve_conv_backend('auto', jnp.bfloat16) == (
+      'onednn' if onednn.cpu_has_bf16() else 'xla')
   assert ops.resolve_conv_backend('xla', jnp.float32) == 'xla'
-  with pytest.raises(ValueError, match='float32'):
-    ops.resolve_conv_backend('onednn', jnp.bfloat16)
+  with pytest.raises(ValueError, match='float32 or bfloat16'):
+    ops.resolve_conv_backend('onednn', jnp.float16)
   with pytest.raises(ValueError, match='conv_backend'):
     ops.resolve_conv_backend('cudnn', jnp.float32)
 

@@ -34,6 +34,17 @@ def test_mask_max_pool_matches_select_and_scatter(window, stride, size):
   np.testing.assert_allclose(g_got, g_ref, rtol=1e-6, atol=1e-6)
 
 
+def test_mask_max_pool_gradient_in_bfloat16_is_the_float32_one_rounded_once():
+  x = _relu_input((2, 13, 13, 4)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(7), (2, 6, 6, 4)).astype(jnp.bfloat16)
+  dx = jax.vjp(lambda a: ops.max_pool_mask(a, 3, 2), x)[1](g)[0]
+  assert dx.dtype == jnp.bfloat16
+  dx32 = jax.vjp(lambda a: ops.max_pool_reference(a, 3, 2), x.astype(jnp.float32))[1](
+      g.astype(jnp.float32))[0]
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(dx32.astype(jnp.bfloat16), np.float32))
+
+
 @pytest.mark.parametrize('n,beta', [(5, 0.75), (3, 0.5)])
 def test_custom_lrn_matches_the_plain_form_and_its_autodiff(n, beta):
   x = jax.random.normal(jax.random.key(1), (2, 6, 5, 13)) * 80

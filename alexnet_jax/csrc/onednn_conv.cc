@@ -1,6 +1,7 @@
 // 2-D convolutions through oneDNN, as XLA FFI handlers for XLA:CPU (built by alexnet_jax/onednn.py).
 //
-// Layouts are JAX's: activations NHWC, kernels HWIO, float32. oneDNN reads and writes the
+// Layouts are JAX's: activations NHWC, kernels HWIO; float32, or bfloat16 throughout (all
+// operands and the result of a call share one type, which JAX guarantees). oneDNN reads and writes the
 // activations in place (nhwc) and picks its own blocked layout for the kernel ("any"); the
 // kernel and the kernel gradient are reordered to and from HWIO around each call (at most
 // 1.3 M floats for the paper's network, against 10-60 GFLOP of convolution).
@@ -17,6 +18,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -41,9 +43,24 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
           {stride, stride}, {pad_top, pad_left}, {pad_bottom, pad_right}};
 }
 
-dnnl::memory::desc Desc(const dims& d, tag t) {
-  return dnnl::memory::desc(d, dnnl::memory::data_type::f32, t);
+using dtype = dnnl::memory::data_type;
+
+dtype Type(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return dtype::f32;
+    case ffi::DataType::BF16: return dtype::bf16;
+    default: throw std::invalid_argument("only float32 and bfloat16 are supported");
+  }
 }
+
+// The one element type of a call's operands and result.
+dtype CallType(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::AnyBuffer& out) {
+  if (a.element_type() != b.element_type() || a.element_type() != out.element_type())
+    throw std::invalid_argument("operands and result must have the same element type");
+  return Type(a.element_type());
+}
+
+dnnl::memory::desc Desc(const dims& d, tag t, dtype type) { return dnnl::memory::desc(d, type, t); }
 
 struct Context {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
@@ -56,11 +73,11 @@ Context& Ctx() {
   return *context;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g, dtype t) {
   return dnnl::convolution_forward::primitive_desc(
       Ctx().engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Desc(g.src, tag::nhwc), Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides,
-      g.pad_l, g.pad_r);
+      Desc(g.src, tag::nhwc, t), Desc(g.weights, tag::any, t), Desc(g.dst, tag::nhwc, t),
+      g.strides, g.pad_l, g.pad_r);
 }
 
 // `user` (HWIO) in the layout `wanted`: the same memory when they agree, else a reordered copy.
@@ -81,40 +98,43 @@ ffi::Error Guarded(F&& body) {
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution failed: ") + e.what());
+  } catch (const std::invalid_argument& e) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      std::string("oneDNN convolution: ") + e.what());
   }
 }
 
-ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_top,
+ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t pad_top,
                        int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride, pad_top,
                               pad_left, pad_bottom, pad_right);
+    dtype t = CallType(x, w, *y);
     auto& c = Ctx();
-    auto pd = ForwardDesc(g);
-    dnnl::memory src(Desc(g.src, tag::nhwc), c.engine, x.typed_data());
-    dnnl::memory wei(Desc(g.weights, tag::hwio), c.engine, w.typed_data());
-    dnnl::memory dst(Desc(g.dst, tag::nhwc), c.engine, y->typed_data());
+    auto pd = ForwardDesc(g, t);
+    dnnl::memory src(Desc(g.src, tag::nhwc, t), c.engine, x.untyped_data());
+    dnnl::memory wei(Desc(g.weights, tag::hwio, t), c.engine, w.untyped_data());
+    dnnl::memory dst(Desc(g.dst, tag::nhwc, t), c.engine, y->untyped_data());
     dnnl::memory wei_pd = InLayout(wei, pd.weights_desc());
     dnnl::convolution_forward(pd).execute(
         c.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei_pd}, {DNNL_ARG_DST, dst}});
   });
 }
 
-ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad_top,
+ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t stride, int64_t pad_top,
                             int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), stride,
                               pad_top, pad_left, pad_bottom, pad_right);
+    dtype t = CallType(dy, w, *dx);
     auto& c = Ctx();
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
-        Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r,
-        ForwardDesc(g));
-    dnnl::memory diff_dst(Desc(g.dst, tag::nhwc), c.engine, dy.typed_data());
-    dnnl::memory wei(Desc(g.weights, tag::hwio), c.engine, w.typed_data());
-    dnnl::memory diff_src(Desc(g.src, tag::nhwc), c.engine, dx->typed_data());
+        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc, t),
+        Desc(g.weights, tag::any, t), Desc(g.dst, tag::nhwc, t), g.strides, g.pad_l, g.pad_r,
+        ForwardDesc(g, t));
+    dnnl::memory diff_dst(Desc(g.dst, tag::nhwc, t), c.engine, dy.untyped_data());
+    dnnl::memory wei(Desc(g.weights, tag::hwio, t), c.engine, w.untyped_data());
+    dnnl::memory diff_src(Desc(g.src, tag::nhwc, t), c.engine, dx->untyped_data());
     dnnl::memory wei_pd = InLayout(wei, pd.weights_desc());
     dnnl::convolution_backward_data(pd).execute(
         c.stream,
@@ -122,20 +142,20 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   });
 }
 
-ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad_top,
+ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, int64_t stride, int64_t pad_top,
                                int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride, pad_top,
                               pad_left, pad_bottom, pad_right);
+    dtype t = CallType(x, dy, *dw);
     auto& c = Ctx();
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
-        Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r,
-        ForwardDesc(g));
-    dnnl::memory src(Desc(g.src, tag::nhwc), c.engine, x.typed_data());
-    dnnl::memory diff_dst(Desc(g.dst, tag::nhwc), c.engine, dy.typed_data());
-    dnnl::memory diff_wei(Desc(g.weights, tag::hwio), c.engine, dw->typed_data());
+        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc, t),
+        Desc(g.weights, tag::any, t), Desc(g.dst, tag::nhwc, t), g.strides, g.pad_l, g.pad_r,
+        ForwardDesc(g, t));
+    dnnl::memory src(Desc(g.src, tag::nhwc, t), c.engine, x.untyped_data());
+    dnnl::memory diff_dst(Desc(g.dst, tag::nhwc, t), c.engine, dy.untyped_data());
+    dnnl::memory diff_wei(Desc(g.weights, tag::hwio, t), c.engine, dw->untyped_data());
     bool reorder = pd.diff_weights_desc() != diff_wei.get_desc();
     dnnl::memory diff_wei_pd = reorder ? dnnl::memory(pd.diff_weights_desc(), c.engine) : diff_wei;
     dnnl::convolution_backward_weights(pd).execute(
@@ -153,18 +173,18 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlexnetOnednnConvFwd, ConvForward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() ALEXNET_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlexnetOnednnConvBwdData, ConvBackwardData,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() ALEXNET_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlexnetOnednnConvBwdWeights, ConvBackwardWeights,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() ALEXNET_CONV_ATTRS);
