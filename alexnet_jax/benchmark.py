@@ -124,6 +124,7 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int) -> di
   """The training step on device-resident synthetic data."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import ops  # pylint: disable=g-import-not-at-top
   from alexnet_jax import steps  # pylint: disable=g-import-not-at-top
   model, tx, rstate, devices = _setup(config, num_devices)
   b = config.batch_size
@@ -143,7 +144,9 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int) -> di
   return {'measurement': 'train', 'train_images_per_sec': b / median, 'step_ms': median * 1e3,
           'compile_s': max(first - median, 0.0), 'devices': num_devices, 'batch_size': b,
           'dtype': config.dtype, 'model': config.model, 'image_size': config.image_size,
-          'achieved_gflops': flops / median / 1e9}
+          'achieved_gflops': flops / median / 1e9,
+          'conv_backend': ops.resolve_conv_backend(config.get('conv_backend', 'auto'),
+                                                   config.dtype)}
 
 
 def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
@@ -277,9 +280,6 @@ def run_peer(peer: str, batch: int, steps_: int,
   setting in `malloc` ('default', or 'kept' = ours, by environment variables); [] without torch.
   """
   from alexnet_jax import host  # pylint: disable=g-import-not-at-top
-  unknown = set(malloc) - {'default', 'kept'}
-  if unknown:
-    raise app.UsageError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
   results = []
   host.release_freed_memory()  # Our kept heap must not crowd the peer's memory.
   for setting in malloc:
@@ -319,6 +319,9 @@ def main(argv) -> None:
   unknown = set(FLAGS.what) - set(MEASUREMENTS)
   if unknown:
     raise app.UsageError(f'--what: unknown {sorted(unknown)}; choose from {MEASUREMENTS}')
+  unknown = set(FLAGS.peer_malloc) - {'default', 'kept'}
+  if unknown:
+    raise app.UsageError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
   if config.batch_size % FLAGS.devices:
     raise app.UsageError(f'--batch_size={config.batch_size} does not divide over '
                          f'--devices={FLAGS.devices}')

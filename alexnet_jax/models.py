@@ -193,7 +193,9 @@ class ColumnConv(nn.Module):
       xs = jnp.split(x, g, axis=-1)
       ks = jnp.split(kernel, g, axis=-1)
       y = jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
-    return (y.astype(jnp.float32) + bias).astype(self.dtype)  # Bias sums in float32.
+    # The bias is added in float32 so that its gradient is a float32 sum: in bfloat16, XLA:CPU
+    # sums through a slow rounding-safe reduce-window tree. A no-op in float32.
+    return (y.astype(jnp.float32) + bias).astype(self.dtype)
 
 
 def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:

@@ -173,16 +173,17 @@ def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.
 
 
 # ---------------------------------------------------------------------------------------------
-# Strided convolution (conv1: 11x11, stride 4, on 3 channels).
+# Convolutions: XLA's or oneDNN's; conv1's strided convolution (11x11, stride 4, on 3 channels).
 
 
 def resolve_conv_backend(backend: str, dtype) -> str:
   """'auto' -> 'onednn' on the CPU backend when the oneDNN calls build, for float32, and for
   bfloat16 where the CPU multiplies it natively (`onednn.cpu_has_bf16`); else 'xla'.
 
-  oneDNN runs the paper's convolutions and both their gradients 1.7-3.3x faster than XLA:CPU
-  (conv2, one column, forward+backward at batch 128: 370 vs 854 ms; conv1 forward + kernel
-  gradient 307 vs 1,008 ms for the im2col form; BENCHMARKS.md). GPUs and TPUs keep XLA's.
+  oneDNN runs the paper's convolutions with their gradients 1.5-2.5x faster than XLA:CPU
+  (forward+backward at batch 128: conv2's two columns 488 vs 1,192 ms, conv3 324 vs 477 ms;
+  conv1 with its kernel gradient 145 ms vs 368 for the im2col form; BENCHMARKS.md). GPUs and
+  TPUs keep XLA's.
   An explicit 'onednn' that cannot be honoured is an error, not a silent fallback.
   """
   if backend not in CONV_BACKENDS:

@@ -24,6 +24,7 @@ def test_benchmark_command_prints_json_measurements():
     assert key in train
   assert train['batch_size'] == 4 and train['devices'] == 1 and train['dtype'] == 'float32'
   assert train['train_images_per_sec'] > 0
+  assert train['conv_backend'] in ('onednn', 'xla') and train['malloc'] in ('kept', 'default')
   assert {'eval_center_crop', 'eval_ten_crop'} <= set(by_kind)
   layers = {(r['layer'], r['impl']) for r in by_kind['layer']}
   assert ('conv1', 'im2col') in layers and ('pool1', 'reduce_window') in layers
@@ -38,3 +39,23 @@ def test_forward_flops_of_the_paper_network():
   # ../shared/PAPER.md: 0.724 G multiply-adds per image (conv 666 M + FC 59 M).
   macs = benchmark.forward_flops(alexnet.get_config()) / 2
   assert abs(macs - 0.724e9) / 0.724e9 < 0.01, macs
+
+
+_FAKE_PEER = """
+import json, os, sys
+print('progress noise')
+print(json.dumps({'peer': 'torch', 'bf16': '--bf16' in sys.argv, 'train_images_per_sec': 1.0,
+                  'arena_max': os.environ.get('MALLOC_ARENA_MAX')}))
+"""
+
+
+def test_peer_runs_under_each_allocator_setting(tmp_path):
+  from alexnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+  peer = tmp_path / 'peer.py'
+  peer.write_text(_FAKE_PEER)
+  results = benchmark.run_peer(str(peer), batch=4, steps_=1, malloc=('default', 'kept'))
+  assert [(r['malloc'], r['bf16']) for r in results] == [
+      ('default', False), ('default', True), ('kept', False), ('kept', True)]
+  # The like-for-like run gives the peer our settings; the default one leaves its environment.
+  assert [r['arena_max'] for r in results[2:]] == ['1', '1']
+  assert results[0]['arena_max'] == os.environ.get('MALLOC_ARENA_MAX')
