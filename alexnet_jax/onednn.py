@@ -88,12 +88,15 @@ def _build() -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache_dir())
   os.close(fd)
   cmd = [cxx, *cmd_flags, _SOURCE, '-o', tmp, f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f'building the oneDNN calls failed ({" ".join(cmd)}):\n'
-                       f'{proc.stderr[-3000:]}')
-  os.replace(tmp, path)  # Atomic: processes building at once each see a whole file.
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode != 0:
+      raise RuntimeError(f'building the oneDNN calls failed ({" ".join(cmd)}):\n'
+                         f'{proc.stderr[-3000:]}')
+    os.replace(tmp, path)  # Atomic: processes building at once each see a whole file.
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
   return path
 
 
@@ -162,6 +165,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> ja
   Both float32 or both bfloat16; `padding` is ((top, bottom), (left, right)). Call
   `available()` first.
   """
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f'onednn.conv2d takes NHWC activations and an HWIO kernel, got shapes '
+                     f'{x.shape} and {kernel.shape}')
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     raise TypeError(f'onednn.conv2d takes float32 or bfloat16 operands of one type, got '
                     f'{x.dtype} and {kernel.dtype}')

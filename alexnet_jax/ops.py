@@ -198,6 +198,8 @@ def resolve_conv_backend(backend: str, dtype) -> str:
   if not usable:
     raise ValueError(f'conv_backend=onednn needs the CPU backend and float32 or bfloat16, not '
                      f'{jax.default_backend()} and {dtype.name}')
+  if dtype == jnp.bfloat16 and not onednn.cpu_has_bf16():
+    raise ValueError('conv_backend=onednn with bfloat16 needs a CPU with AVX512-BF16 or AMX')
   if not onednn.available():
     raise RuntimeError(f'conv_backend=onednn: {onednn.unavailable_reason()}')
   return backend

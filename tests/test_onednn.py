@@ -25,6 +25,12 @@ def test_builds_and_registers():
   assert onednn.available(), onednn.unavailable_reason()
 
 
+@pytest.fixture(autouse=True)
+def _registered():
+  # Every test here needs the calls registered, whichever runs first (or alone).
+  assert onednn.available(), onednn.unavailable_reason()
+
+
 def _reference(x, w, stride, padding):
   return lax.conv_general_dilated(x, w, (stride, stride), padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -35,6 +41,7 @@ def _reference(x, w, stride, padding):
     (3, 27, 48, 128, 5, 1, ((2, 2), (2, 2))),  # conv2, one column
     (2, 13, 256, 384, 3, 1, ((1, 1), (1, 1))),  # conv3
     (2, 35, 3, 96, 11, 4, ((2, 2), (2, 2))),  # conv1's geometry on a small image
+    (2, 36, 3, 96, 11, 4, ((2, 2), (2, 2))),  # as at 224: the last input row is not covered
     (2, 10, 5, 7, 3, 2, ((0, 1), (1, 0))),  # odd channels, stride 2, uneven padding
 ])
 def test_values_and_gradients_match_xla(shape):
@@ -54,28 +61,34 @@ def test_values_and_gradients_match_xla(shape):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=2e-4)
 
 
-def test_bfloat16_matches_float32_of_the_rounded_operands():
+@pytest.mark.skipif(not onednn.cpu_has_bf16(), reason='no AVX512-BF16/AMX on this CPU')
+@pytest.mark.parametrize('shape', [(3, 27, 48, 128, 5, 1, 2), (2, 36, 3, 96, 11, 4, 2)])
+def test_bfloat16_matches_float32_of_the_rounded_operands(shape):
   # bfloat16 in and out: compare with float32 XLA on the same (bfloat16-rounded) inputs; what
   # may differ is the rounding of the result and accumulation order, ~1e-2 relative at most.
-  padding = ((2, 2), (2, 2))
+  b, s, cin, cout, k, stride, p = shape
+  padding = ((p, p), (p, p))
   kx, kw, kg = jax.random.split(jax.random.key(3), 3)
-  x = jax.random.normal(kx, (3, 27, 27, 48)).astype(jnp.bfloat16)
-  w = (jax.random.normal(kw, (5, 5, 48, 128)) / 35).astype(jnp.bfloat16)
-  g = jax.random.normal(kg, (3, 27, 27, 128)).astype(jnp.bfloat16)
+  x = jax.random.normal(kx, (b, s, s, cin)).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(jnp.bfloat16)
   f32 = lambda a: a.astype(jnp.float32)
-  y = jax.jit(lambda x, w: onednn.conv2d(x, w, 1, padding))(x, w)
+  ref = _reference(f32(x), f32(w), stride, padding)
+  g = jax.random.normal(kg, ref.shape).astype(jnp.bfloat16)
+  y = jax.jit(lambda x, w: onednn.conv2d(x, w, stride, padding))(x, w)
   assert y.dtype == jnp.bfloat16
-  ref = _reference(f32(x), f32(w), 1, padding)
   scale = float(jnp.max(jnp.abs(ref)))
   np.testing.assert_allclose(f32(y), ref, atol=1e-2 * scale)
-  dx, dw = jax.jit(jax.vjp(lambda x, w: onednn.conv2d(x, w, 1, padding), x, w)[1])(g)
-  dx_ref, dw_ref = jax.vjp(lambda x, w: _reference(x, w, 1, padding), f32(x), f32(w))[1](f32(g))
+  dx, dw = jax.jit(jax.vjp(lambda x, w: onednn.conv2d(x, w, stride, padding), x, w)[1])(g)
+  dx_ref, dw_ref = jax.vjp(lambda x, w: _reference(x, w, stride, padding), f32(x), f32(w))[1](
+      f32(g))
   assert dx.dtype == dw.dtype == jnp.bfloat16
   np.testing.assert_allclose(f32(dx), dx_ref, atol=1e-2 * float(jnp.max(jnp.abs(dx_ref))))
   np.testing.assert_allclose(f32(dw), dw_ref, atol=1e-2 * float(jnp.max(jnp.abs(dw_ref))))
 
 
-def test_mixed_types_are_refused():
+def test_bad_operands_are_refused():
+  with pytest.raises(ValueError, match='NHWC'):
+    onednn.conv2d(jnp.zeros((5, 5, 2)), jnp.zeros((3, 3, 2, 2)), 1, ((1, 1), (1, 1)))
   with pytest.raises(TypeError, match='one type'):
     onednn.conv2d(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2), jnp.bfloat16), 1,
                   ((1, 1), (1, 1)))

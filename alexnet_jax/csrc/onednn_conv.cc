@@ -39,6 +39,8 @@ struct Geometry {
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                       ffi::Span<const int64_t> y, int64_t stride, int64_t pad_top,
                       int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4)
+    throw std::invalid_argument("activations and kernel must be 4-D (NHWC, HWIO)");
   return {{x[0], x[3], x[1], x[2]}, {w[3], w[2], w[0], w[1]}, {y[0], y[3], y[1], y[2]},
           {stride, stride}, {pad_top, pad_left}, {pad_bottom, pad_right}};
 }
@@ -92,8 +94,7 @@ template <typename F>
 ffi::Error Guarded(F&& body) {
   try {
     std::lock_guard<std::mutex> lock(Ctx().mutex);
-    body();
-    Ctx().stream.wait();
+    body();  // Waits on the stream itself, while the memory objects it made are alive.
     return ffi::Error::Success();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -101,6 +102,8 @@ ffi::Error Guarded(F&& body) {
   } catch (const std::invalid_argument& e) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       std::string("oneDNN convolution: ") + e.what());
+  } catch (const std::exception& e) {  // XLA's FFI does not catch: never let one escape.
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
   }
 }
 
@@ -118,6 +121,7 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
     dnnl::memory wei_pd = InLayout(wei, pd.weights_desc());
     dnnl::convolution_forward(pd).execute(
         c.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei_pd}, {DNNL_ARG_DST, dst}});
+    c.stream.wait();
   });
 }
 
@@ -139,6 +143,7 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
     dnnl::convolution_backward_data(pd).execute(
         c.stream,
         {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei_pd}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    c.stream.wait();
   });
 }
 
@@ -162,6 +167,7 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
         c.stream,
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei_pd}});
     if (reorder) dnnl::reorder(diff_wei_pd, diff_wei).execute(c.stream, diff_wei_pd, diff_wei);
+    c.stream.wait();
   });
 }
 
