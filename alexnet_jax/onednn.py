@@ -1,9 +1,9 @@
-"""Convolutions through oneDNN on XLA:CPU: XLA FFI custom calls with a hand-written VJP.
+"""Convolutions through oneDNN on XLA:CPU: XLA FFI custom calls, with a hand-written VJP.
 
-XLA:CPU's own kernels run the float32 gradients of the paper's stride-1 convolutions at 65-140 GFLOP/s
-on our 2-core AVX-512 machine (conv2's input and kernel gradients at 70-90); oneDNN, the
-library PyTorch uses on CPUs, runs forward, input gradient and kernel gradient of the same
-layers at 190-245 GFLOP/s there (BENCHMARKS.md). This module makes oneDNN's convolutions
+XLA:CPU's own kernels run the float32 gradients of the paper's stride-1 convolutions at
+65-140 GFLOP/s on our 2-core AVX-512 machine (conv2's input and kernel gradients at 70-90);
+oneDNN, the library PyTorch uses on CPUs, runs forward, input gradient and kernel gradient of
+the same layers at 190-245 GFLOP/s there (BENCHMARKS.md). This module makes oneDNN's convolutions
 available to JAX on the CPU backend:
 
 * `csrc/onednn_conv.cc` holds three XLA FFI handlers (forward, input gradient, kernel gradient)
@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import sys
 import tempfile
 from typing import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np

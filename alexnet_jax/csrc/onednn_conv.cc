@@ -1,8 +1,8 @@
-// 2-D convolutions through oneDNN, as XLA FFI handlers for XLA:CPU (built by alexnet_jax/onednn.py).
+// 2-D convolutions through oneDNN, as XLA FFI handlers for XLA:CPU (built by onednn.py).
 //
-// Layouts are JAX's: activations NHWC, kernels HWIO; float32, or bfloat16 throughout (all
-// operands and the result of a call share one type, which JAX guarantees). oneDNN reads and writes the
-// activations in place (nhwc) and picks its own blocked layout for the kernel ("any"); the
+// Layouts are JAX's: activations NHWC, kernels HWIO; float32, or bfloat16 throughout (the
+// operands and the result of a call must share one type; checked). oneDNN reads and writes
+// the activations in place (nhwc) and picks its own blocked layout for the kernel ("any"); the
 // kernel and the kernel gradient are reordered to and from HWIO around each call (at most
 // 1.3 M floats for the paper's network, against 10-60 GFLOP of convolution).
 //
@@ -82,6 +82,15 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g, dtype t
       g.strides, g.pad_l, g.pad_r);
 }
 
+// Both backward passes take the same arguments: the geometry, and the forward pass as a hint.
+template <typename BackwardPrimitiveDesc>
+BackwardPrimitiveDesc BackwardDesc(const Geometry& g, dtype t) {
+  return BackwardPrimitiveDesc(Ctx().engine, dnnl::algorithm::convolution_direct,
+                               Desc(g.src, tag::nhwc, t), Desc(g.weights, tag::any, t),
+                               Desc(g.dst, tag::nhwc, t), g.strides, g.pad_l, g.pad_r,
+                               ForwardDesc(g, t));
+}
+
 // `user` (HWIO) in the layout `wanted`: the same memory when they agree, else a reordered copy.
 dnnl::memory InLayout(dnnl::memory user, const dnnl::memory::desc& wanted) {
   if (user.get_desc() == wanted) return user;
@@ -107,7 +116,8 @@ ffi::Error Guarded(F&& body) {
   }
 }
 
-ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t pad_top,
+ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t stride, int64_t pad_top,
                        int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride, pad_top,
@@ -125,17 +135,15 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
   });
 }
 
-ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t stride, int64_t pad_top,
+ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                            int64_t stride, int64_t pad_top,
                             int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), stride,
                               pad_top, pad_left, pad_bottom, pad_right);
     dtype t = CallType(dy, w, *dx);
     auto& c = Ctx();
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc, t),
-        Desc(g.weights, tag::any, t), Desc(g.dst, tag::nhwc, t), g.strides, g.pad_l, g.pad_r,
-        ForwardDesc(g, t));
+    auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g, t);
     dnnl::memory diff_dst(Desc(g.dst, tag::nhwc, t), c.engine, dy.untyped_data());
     dnnl::memory wei(Desc(g.weights, tag::hwio, t), c.engine, w.untyped_data());
     dnnl::memory diff_src(Desc(g.src, tag::nhwc, t), c.engine, dx->untyped_data());
@@ -147,17 +155,15 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
   });
 }
 
-ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, int64_t stride, int64_t pad_top,
+ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                               ffi::Result<ffi::AnyBuffer> dw, int64_t stride, int64_t pad_top,
                                int64_t pad_left, int64_t pad_bottom, int64_t pad_right) {
   return Guarded([&] {
     Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride, pad_top,
                               pad_left, pad_bottom, pad_right);
     dtype t = CallType(x, dy, *dw);
     auto& c = Ctx();
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        c.engine, dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc, t),
-        Desc(g.weights, tag::any, t), Desc(g.dst, tag::nhwc, t), g.strides, g.pad_l, g.pad_r,
-        ForwardDesc(g, t));
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g, t);
     dnnl::memory src(Desc(g.src, tag::nhwc, t), c.engine, x.untyped_data());
     dnnl::memory diff_dst(Desc(g.dst, tag::nhwc, t), c.engine, dy.untyped_data());
     dnnl::memory diff_wei(Desc(g.weights, tag::hwio, t), c.engine, dw->untyped_data());
