@@ -6,6 +6,7 @@
 
 Every config field can be overridden on the command line, e.g. --config.batch_size=256.
 Rerunning a training command on the same workdir resumes from its latest checkpoint.
+A bad value or a missing path prints one line that says what to fix, and exits with status 2.
 """
 
 import os
@@ -16,7 +17,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import host
+from alexnet_jax import cli
+from alexnet_jax import cpu
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
@@ -24,8 +26,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                   'train (resumes if the workdir has a checkpoint) or eval (a checkpoint).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint --mode=eval uses.')
 flags.DEFINE_bool('keep_freed_memory', True, 'glibc keeps freed memory for reuse instead of '
-                  'unmapping it (alexnet_jax/host.py): saves XLA:CPU ~2 s of page faults per '
-                  'paper-network step; resident memory then stays at its peak.')
+                  'unmapping it (alexnet_jax/cpu/allocator.py): saves XLA:CPU ~2 s of page '
+                  'faults per paper-network step; resident memory then stays at its peak.')
 config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -34,10 +36,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.keep_freed_memory:
-    host.keep_freed_memory()
+    cpu.keep_freed_memory()
   # Imported only now: the allocator setting must precede the threads JAX and TensorFlow start.
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-  train.console_logging()
+  from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
+  cli.setup_tensorflow()
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
@@ -45,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

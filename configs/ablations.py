@@ -1,6 +1,6 @@
 """The paper's ablations (§3.2-§4.2) on the offline digits: one config per switched-off choice.
 
-  python -m alexnet_jax.ablations --seeds=3 --epochs=10 --output=ablations.json --markdown
+  python -m alexnet_jax.paper.ablations --seeds=3 --epochs=10 --output=ablations.json --markdown
   python main.py --config=configs/ablations.py:no_lrn --workdir=runs/ablations/no_lrn \
       --config.pca_file=runs/digits_pca.npz
 
@@ -10,9 +10,9 @@ are grey. Here the eigen-statistics are those of the digits training set itself,
 ImageNet: the RGB covariance of grey pixels has a single non-zero eigenvalue, along (1, 1, 1), so
 the lighting becomes what it can be on this data, a random change of brightness per image (a
 colour cast from ImageNet's constants would be a change that never occurs in the data). The
-ablation command computes them (`alexnet_jax.data_stats`) and sets config.pca_file; with main.py,
+ablation command computes them (`alexnet_jax.data.stats`) and sets config.pca_file; with main.py,
 write them first with
-  python -m alexnet_jax.data_stats --config=configs/digits.py --num_images=0 \
+  python -m alexnet_jax.data.stats --config=configs/digits.py --num_images=0 \
       --output=runs/digits_pca.npz
 The paper's effects are ImageNet top-1 differences; PAPER_EFFECTS keeps them beside each switch.
 """

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   # §2: "subtracting the mean activity over the training set from each pixel": 'image' is the
   # per-pixel mean image of the paper; 'channel' a per-channel RGB mean.
   c.mean = 'image'
-  # An .npz written by `python -m alexnet_jax.data_stats` (mean image, RGB mean, PCA of the RGB
+  # An .npz written by `python -m alexnet_jax.data.stats` (mean image, RGB mean, PCA of the RGB
   # covariance). None: the statistics are computed from `stats_num_images` training images on
   # the first run and saved in the workdir.
   c.stats_file = ml_collections.config_dict.placeholder(str)
@@ -76,14 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
   # How conv2/4/5's two columns run: 'auto' (fastest measured for the backend), 'split' (two
   # half-convolutions) or 'grouped' (feature_group_count=2). Same parameters either way.
   c.column_impl = 'auto'
-  # Faster forms of other layers, same values (alexnet_jax/ops.py, BENCHMARKS.md): 'auto' picks
+  # Faster forms of other layers, same values (alexnet_jax/core/ops.py, BENCHMARKS.md): 'auto' picks
   # per backend. pool_impl: 'mask' | 'reduce_window'; lrn_impl: 'custom' | 'reduce_window';
   # conv_impl (conv1's strided convolution): 'im2col' | 'direct'.
   c.pool_impl = 'auto'
   c.lrn_impl = 'auto'
   c.conv_impl = 'auto'
   # Who computes the convolutions: 'auto' (oneDNN on the CPU backend in float32 when its calls
-  # build, alexnet_jax/onednn.py; XLA elsewhere), 'xla' or 'onednn'.
+  # build, alexnet_jax/cpu/onednn.py; XLA elsewhere), 'xla' or 'onednn'.
   c.conv_backend = 'auto'
 
   # ---- Optimisation (§5) ----

@@ -1,7 +1,6 @@
 """Test set-up: simulate 8 CPU devices (for the pmap tests) before JAX starts; shared fixtures."""
 
 import os
-import sys
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -11,8 +10,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'alexnet_jax_test_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
-# The repository root, so that `configs` and `alexnet_jax` import without installing.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import pytest  # pylint: disable=g-import-not-at-top  (after the environment above)
@@ -20,7 +17,7 @@ import pytest  # pylint: disable=g-import-not-at-top  (after the environment abo
 
 def train_tiny(path, **overrides) -> str:
   """Trains configs/tiny.py (16x16 digits) with `overrides` into `path`; returns the workdir."""
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top  (JAX after XLA_FLAGS)
+  from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top  (JAX after XLA_FLAGS)
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.update(overrides)

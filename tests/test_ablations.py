@@ -1,4 +1,4 @@
-"""alexnet_jax/ablations.py and configs/ablations.py: each ablation switches off one choice."""
+"""alexnet_jax/paper/ablations.py and configs/ablations.py: each ablation switches off one choice."""
 
 import json
 import os
@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from alexnet_jax import ablations
-from alexnet_jax import data_stats
-from alexnet_jax import models
+from alexnet_jax.paper import ablations
+from alexnet_jax.data import stats as data_stats
+from alexnet_jax.core import models
 from configs import ablations as ablation_configs
 from configs import digits
 
@@ -33,15 +33,15 @@ def test_each_ablation_changes_only_its_field():
 
 
 def test_digits_lighting_is_a_brightness_change(tmp_path):
-  stats = data_stats.load_stats(ablations.pca_file(str(tmp_path)))
+  stats = data_stats.load_stats(ablations.pca_file(ablation_configs.get_config(), str(tmp_path)))
   # Grey pixels: one non-zero eigenvalue, its eigenvector along (1, 1, 1).
   assert stats['eigval'][0] > 0 and np.all(stats['eigval'][1:] < 1e-6 * stats['eigval'][0])
   np.testing.assert_allclose(np.abs(stats['eigvec'][:, 0]), np.full(3, 3 ** -0.5), atol=1e-5)
 
 
 def test_tiny_sweep_writes_its_table(tmp_path):
-  result = ablations.run_ablations(['baseline', 'no_dropout', 'one_column'], [0, 1], 1,
-                                   workdir=str(tmp_path), overrides=TINY)
+  chosen = {n: ablation_configs.get_config(n) for n in ('baseline', 'no_dropout', 'one_column')}
+  result = ablations.run_ablations(chosen, [0, 1], 1, workdir=str(tmp_path), overrides=TINY)
   for name in ('baseline', 'no_dropout'):
     errs = [r['top1_error'] for r in result['runs'][name]]
     assert len(errs) == 2 and all(0 <= e <= 1 for e in errs)
@@ -49,14 +49,17 @@ def test_tiny_sweep_writes_its_table(tmp_path):
     assert s['mean_top1_error'] == pytest.approx(np.mean(errs))
     assert s['std_top1_error'] == pytest.approx(np.std(errs, ddof=1))
   assert result['summary']['baseline']['vs_baseline'] == 0
-  table = ablations.markdown_table(result)
+  table = ablations.markdown_table(
+      result, {n: what for n, (what, _) in ablation_configs.ABLATIONS.items()},
+      ablation_configs.PAPER_EFFECTS)
   assert table.count('\n') >= 3 and '`no_dropout`' in table and '+1.4% top-1' not in table
   assert len(result['runs']['one_column']) == 2 and '`one_column`' in table
   assert all(ablation_configs.get_config(n).model in models.VARIANTS
              for n in ablation_configs.ABLATIONS)
   # Finished runs are read back, not retrained.
   mtime = os.path.getmtime(tmp_path / 'baseline' / 'seed0' / 'metrics.jsonl')
-  again = ablations.run_ablations(['baseline'], [0], 1, workdir=str(tmp_path), overrides=TINY)
+  again = ablations.run_ablations({'baseline': chosen['baseline']}, [0], 1,
+                                  workdir=str(tmp_path), overrides=TINY)
   assert again['runs']['baseline'] == result['runs']['baseline'][:1]
   assert os.path.getmtime(tmp_path / 'baseline' / 'seed0' / 'metrics.jsonl') == mtime
   json.dumps(result)  # the command writes it as JSON

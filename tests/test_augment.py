@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_jax import augment
+from alexnet_jax.data import augment
 
 DRAWS = 2000
 
@@ -100,7 +100,7 @@ def test_published_eigenvectors_are_orthonormal():
 def test_ten_crop_is_corners_centre_and_their_mirrors():
   height, width, size = 9, 11, 5
   image = _coordinate_image(height, width)
-  crops = augment.ten_crop(tf.constant(image), size).numpy()
+  crops = augment.ten_patches(tf.constant(image), size).numpy()
   top, left = (height - size) // 2, (width - size) // 2
   five = [image[:size, :size], image[:size, -size:], image[-size:, :size],
           image[-size:, -size:], image[top:top + size, left:left + size]]

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_command_prints_json_measurements():
-  cmd = [sys.executable, '-m', 'alexnet_jax.benchmark', '--config=configs/tiny.py',
+  cmd = [sys.executable, '-m', 'alexnet_jax.bench.benchmark', '--config=configs/tiny.py',
          '--what=train,eval,layers', '--steps=1', '--warmup=0', '--json', '--cpu_devices=2',
          '--batch_size=4',
          '--sweep=1,2']
@@ -34,7 +34,7 @@ def test_benchmark_command_prints_json_measurements():
 
 
 def test_forward_flops_of_the_paper_network():
-  from alexnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.bench import benchmark  # pylint: disable=g-import-not-at-top
   from configs import alexnet  # pylint: disable=g-import-not-at-top
   # ../shared/PAPER.md: 0.724 G multiply-adds per image (conv 666 M + FC 59 M).
   macs = benchmark.forward_flops(alexnet.get_config()) / 2
@@ -50,7 +50,7 @@ print(json.dumps({'peer': 'torch', 'bf16': '--bf16' in sys.argv, 'train_images_p
 
 
 def test_peer_runs_under_each_allocator_setting(tmp_path):
-  from alexnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.bench import benchmark  # pylint: disable=g-import-not-at-top
   peer = tmp_path / 'peer.py'
   peer.write_text(_FAKE_PEER)
   results = benchmark.run_peer(str(peer), batch=4, steps_=1, malloc=('default', 'kept'))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from alexnet_jax import checkpoints
+from alexnet_jax.core import checkpoints
 
 
 def _tree(value):

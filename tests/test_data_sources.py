@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from alexnet_jax import data_sources
-from alexnet_jax import input_pipeline
-from alexnet_jax import pipeline_benchmark
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.data import pipeline as input_pipeline
+from alexnet_jax.bench import pipeline as pipeline_benchmark
 from configs import alexnet
 from configs import digits
 

@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from alexnet_jax import data_sources
-from alexnet_jax import data_stats
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.data import stats as data_stats
 from configs import alexnet
 from configs import digits
 
@@ -78,7 +78,7 @@ def test_stats_are_cached_in_the_workdir(tmp_path, monkeypatch):
 
 def test_command_line_writes_a_usable_npz(tmp_path):
   output = tmp_path / 'stats.npz'
-  subprocess.run([sys.executable, '-m', 'alexnet_jax.data_stats', '--config=configs/digits.py',
+  subprocess.run([sys.executable, '-m', 'alexnet_jax.data.stats', '--config=configs/digits.py',
                   f'--output={output}', '--num_images=200'], cwd=ROOT, check=True,
                  capture_output=True, env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
   stats = data_stats.load_stats(str(output))

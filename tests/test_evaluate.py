@@ -1,4 +1,4 @@
-"""alexnet_jax/evaluate.py: §6's errors, 10-crop test and ensembles against the training loop's.
+"""alexnet_jax/paper/evaluate.py: §6's errors, 10-crop test and ensembles against the training loop's.
 
 `tiny_workdir` (a configs/tiny.py run of a few steps) comes from conftest.py.
 """
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 import conftest
-from alexnet_jax import evaluate
-from alexnet_jax import steps
-from alexnet_jax import train
+from alexnet_jax.core import evaluation
+from alexnet_jax.core import metrics as metrics_lib
+from alexnet_jax.core import run as run_lib
+from alexnet_jax.core import steps
+from alexnet_jax.paper import evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST_DIGITS = 360
 
 
@@ -27,13 +28,15 @@ def second_workdir(tmp_path_factory):
                              seed=1)
 
 
-def test_topk_error_counts_ties_for_the_true_label():
+def test_errors_count_ties_for_the_true_label():
   probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
   labels = np.array([1, 0, 2])
   # Ranks of the true class: 0 (tie), 2, 1.
-  assert evaluate.topk_error(probs, labels, 1) == pytest.approx(2 / 3)
-  assert evaluate.topk_error(probs, labels, 2) == pytest.approx(1 / 3)
-  assert evaluate.topk_error(probs, labels, 3) == 0.0
+  for k, expected in ((1, 2 / 3), (2, 1 / 3), (3, 0.0)):
+    assert np.mean(metrics_lib.topk_errors(probs, labels, k)) == pytest.approx(expected)
+  # The ensemble's counting is the same function's.
+  result = evaluate.errors(probs, labels)
+  assert result == {'top1_error': pytest.approx(2 / 3), 'top5_error': 0.0, 'num_examples': 3}
 
 
 @pytest.mark.parametrize('crop', ['center_crop', 'ten_crop'])
@@ -41,12 +44,14 @@ def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop
   report = evaluate.evaluate_workdirs([tiny_workdir], crops=[crop])
   mine = report['results'][tiny_workdir][crop]
   assert report['results'][evaluate.ENSEMBLE][crop] == mine
-  # The second code path: train.run_evaluation's pmapped sums over the whole split.
-  config = train.load_config(tiny_workdir)
+  # The second code path: the training loop's pmapped sums (psum over devices) over the split.
+  run = run_lib.open_run(tiny_workdir)
+  config = run.config
   config.num_eval_steps = -1
-  model, params, _ = train.load_trained(config, tiny_workdir)
-  theirs = train.run_evaluation(steps.pmapped_eval_step(model), steps.replicate(params), config,
-                                ten_crop=evaluate.CROP_SETTINGS[crop], workdir=tiny_workdir)
+  restored = run.restore()
+  theirs = evaluation.evaluate(steps.pmapped_eval_step(restored.model),
+                               steps.replicate(restored.params), config,
+                               ten_crop=evaluate.CROP_SETTINGS[crop], mean=run.mean())
   assert mine['num_examples'] == theirs['eval/num_examples'] == NUM_TEST_DIGITS
   assert mine['top1_error'] == pytest.approx(theirs['eval/top1_error'], abs=1e-9)
   assert mine['top5_error'] == pytest.approx(theirs['eval/top5_error'], abs=1e-9)
@@ -55,9 +60,10 @@ def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop
 def test_ensemble_averages_the_softmax_outputs(tiny_workdir, second_workdir):
   outputs = []
   for wd in (tiny_workdir, second_workdir):
-    config = train.load_config(wd)
-    model, params, _ = train.load_trained(config, wd)
-    outputs.append(evaluate.predict_split(model, params, config, ten_crop=False, workdir=wd))
+    run = run_lib.open_run(wd)
+    restored = run.restore()
+    outputs.append(evaluation.split_probabilities(restored.model, restored.params, run.config,
+                                                  ten_crop=False, mean=run.mean()))
   for probs, _ in outputs:
     assert probs.shape == (NUM_TEST_DIGITS, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -75,8 +81,8 @@ def test_ensemble_averages_the_softmax_outputs(tiny_workdir, second_workdir):
 def test_command_prints_the_table_and_writes_json(tiny_workdir, tmp_path):
   output = tmp_path / 'results.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.evaluate', f'--workdirs={tiny_workdir}',
-       f'--output={output}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [sys.executable, '-m', 'alexnet_jax.paper.evaluate', f'--workdirs={tiny_workdir}',
+       f'--output={output}'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'average of 1 models' in proc.stdout and 'ten_crop top-1' in proc.stdout
   assert 'batch' in proc.stderr  # progress

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from alexnet_jax import data_sources
-from alexnet_jax import data_stats
-from alexnet_jax import figures
-from alexnet_jax import models
-from alexnet_jax import train
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.data import stats as data_stats
+from alexnet_jax.paper import figures
+from alexnet_jax.core import models
+from alexnet_jax.core import run as run_lib
 from configs import alexnet
 
 
@@ -85,8 +85,10 @@ def test_neighbours_are_the_nearest_training_images(tiny_workdir, tmp_path):
   assert Image.open(out).size[0] > 200 and found['searched'] == 100
   # Brute force in NumPy on independently preprocessed images: square minus the RGB mean of the
   # run's statistics, central patch by slicing.
-  config = train.load_config(tiny_workdir)
-  model, params, _ = train.load_trained(config, tiny_workdir)
+  run = run_lib.open_run(tiny_workdir)
+  config = run.config
+  restored = run.restore()
+  model, params = restored.model, restored.params
   mean = data_stats.load_stats(f'{tiny_workdir}/data_stats.npz')['rgb_mean']
   arrays = data_sources.digits_arrays(config.resize_size)
   off, s = (config.resize_size - config.image_size) // 2, config.image_size

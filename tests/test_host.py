@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from alexnet_jax import host
+from alexnet_jax.cpu import allocator as host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROBE = """
 import ctypes, resource, sys
 sys.path.insert(0, {root!r})
-from alexnet_jax import host
+from alexnet_jax.cpu import allocator as host
 applied = host.keep_freed_memory() if sys.argv[1] == 'kept' else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

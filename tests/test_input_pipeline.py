@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from alexnet_jax import augment
-from alexnet_jax import data_sources
-from alexnet_jax import data_stats
-from alexnet_jax import input_pipeline
-from alexnet_jax import pipeline_benchmark
+from alexnet_jax.data import augment
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.data import stats as data_stats
+from alexnet_jax.data import pipeline as input_pipeline
+from alexnet_jax.bench import pipeline as pipeline_benchmark
 from configs import alexnet
 from configs import digits
 

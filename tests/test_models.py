@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import models
+from alexnet_jax.core import models
+from alexnet_jax.core.kernels import Kernels
 from configs import alexnet as alexnet_config
 
 
@@ -133,7 +134,8 @@ def _conv_numpy(x, w, stride, pad):
 def test_column_conv_equals_two_independent_convolutions(impl):
   rng = np.random.default_rng(2)
   x = rng.normal(size=(2, 7, 6, 8)).astype(np.float32)
-  layer = models.ColumnConv(6, 3, strides=1, padding=((1, 1), (1, 1)), columns=2, impl=impl,
+  layer = models.ColumnConv(6, 3, strides=1, padding=((1, 1), (1, 1)), columns=2,
+                            kernels=Kernels(column_impl=impl),
                             bias_init=jax.nn.initializers.normal(1.0))
   variables = layer.init(jax.random.key(0), jnp.asarray(x))
   w = np.asarray(variables['params']['kernel'], np.float64)
@@ -230,8 +232,8 @@ def test_split_and_grouped_columns_give_the_same_network():
   params = models.init_params(models.create_model(small), jax.random.key(0), 32)
   outs = []
   for impl in ('split', 'grouped'):
-    small.column_impl = impl
-    outs.append(models.create_model(small).apply({'params': params}, x))
+    outs.append(models.create_model(small, Kernels(column_impl=impl)).apply({'params': params},
+                                                                           x))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
@@ -275,11 +277,3 @@ def test_owt_adaptive_pool_averages_torchvision_bins():
     r0, r1 = (i * 13) // 6, int(np.ceil((i + 1) * 13 / 6))
     c0, c1 = (j * 13) // 6, int(np.ceil((j + 1) * 13 / 6))
     np.testing.assert_allclose(got[:, i, j], xn[:, r0:r1, c0:c1].mean((1, 2)))
-
-
-@pytest.mark.parametrize('field,value', [
-    ('model', 'vgg'), ('dtype', 'float16'), ('activation', 'sigmoid'), ('column_impl', 'magic'),
-    ('dropout_rate', 1.5)])
-def test_bad_config_values_are_named(field, value):
-  with pytest.raises(ValueError, match=f'config.{field}'):
-    models.create_model(_config(**{field: value}))

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import models
-from alexnet_jax import onednn
-from alexnet_jax import ops
+from alexnet_jax.core import models
+from alexnet_jax import errors
+from alexnet_jax.core import kernels
+from alexnet_jax.cpu import onednn
+from alexnet_jax.core import ops
 from configs import tiny
 
 # Skipped only where oneDNN or a compiler is not installed (not x86-64 Linux); where both are,
@@ -116,22 +118,42 @@ def test_model_gradients_same_with_either_backend():
 
 
 def test_backend_choice():
-  assert ops.resolve_conv_backend('auto', jnp.float32) == 'onednn'  # the CPU backend here
-  assert ops.resolve_conv_backend('auto', jnp.bfloat16) == (
-      'onednn' if onednn.cpu_has_bf16() else 'xla')
-  assert ops.resolve_conv_backend('xla', jnp.float32) == 'xla'
-  with pytest.raises(ValueError, match='float32 or bfloat16'):
-    ops.resolve_conv_backend('onednn', jnp.float16)
-  with pytest.raises(ValueError, match='conv_backend'):
-    ops.resolve_conv_backend('cudnn', jnp.float32)
+  config = tiny.get_config()
+  assert kernels.resolve(config).conv_backend == 'onednn'  # the CPU backend here
+  config.dtype = 'bfloat16'
+  assert kernels.resolve(config).conv_backend == ('onednn' if onednn.cpu_has_bf16() else 'xla')
+  config.dtype, config.conv_backend = 'float32', 'xla'
+  assert kernels.resolve(config).conv_backend == 'xla'
+  # An explicit choice is honoured everywhere or refused: conv1's direct convolution by oneDNN.
+  config.conv_backend, config.conv_impl = 'onednn', 'direct'
+  assert kernels.resolve(config) == kernels.Kernels('onednn', 'direct', 'split', 'mask', 'custom')
+  config.column_impl = 'grouped'
+  with pytest.raises(errors.ConfigError, match="column_impl='grouped'"):
+    kernels.resolve(config)
+  with pytest.raises(ValueError, match='groups=1'):
+    ops.conv(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 4)), 1, ((1, 1), (1, 1)), 2, 'onednn')
+  with pytest.raises(ValueError, match='explicit padding'):
+    ops.conv(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 4, 4)), 1, 'SAME', 1, 'onednn')
+
+
+def test_explicit_onednn_off_the_cpu_is_an_error():
+  gpu = type('Device', (), {'platform': 'gpu'})()
+  config = tiny.get_config()
+  assert kernels.resolve(config, [gpu]) == kernels.Kernels('xla', 'direct', 'grouped',
+                                                           'reduce_window', 'custom')
+  config.conv_backend = 'onednn'
+  with pytest.raises(errors.ConfigError, match='CPU backend only'):
+    kernels.resolve(config, [gpu])
 
 
 def test_unavailable_falls_back_to_xla_or_says_why(monkeypatch):
   monkeypatch.setattr(onednn, 'available', lambda: False)
   monkeypatch.setattr(onednn, '_unavailable_reason', 'no C++ compiler (test)')
-  assert ops.resolve_conv_backend('auto', jnp.float32) == 'xla'
-  with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
-    ops.resolve_conv_backend('onednn', jnp.float32)
+  config = tiny.get_config()
+  assert kernels.resolve(config).conv_backend == 'xla'
+  config.conv_backend = 'onednn'
+  with pytest.raises(errors.ConfigError, match='no C\\+\\+ compiler'):
+    kernels.resolve(config)
 
 
 def test_build_without_compiler_names_the_problem(monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import ops
+from alexnet_jax.core import ops
 
 
 def _relu_input(shape, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import optim
+from alexnet_jax.core import optim
 from configs import alexnet as alexnet_config
 
 
@@ -108,8 +108,3 @@ def test_schedule_state_round_trips():
   b.observe(0.5)
   a.observe(0.5)
   assert b.value(0) == pytest.approx(a.value(0))
-
-
-def test_unknown_schedule_is_named():
-  with pytest.raises(ValueError, match='config.lr_schedule'):
-    optim.LearningRate(_config(lr_schedule='cosine'), 10)

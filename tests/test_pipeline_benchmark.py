@@ -5,7 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from alexnet_jax import pipeline_benchmark
+from alexnet_jax.bench import pipeline as pipeline_benchmark
 
 
 def test_generated_jpegs_are_imagenet_like(tmp_path):

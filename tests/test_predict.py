@@ -1,4 +1,4 @@
-"""alexnet_jax/predict.py: image files get the evaluation's preprocessing and softmax."""
+"""alexnet_jax/paper/predict.py: image files get the evaluation's preprocessing and softmax."""
 
 import os
 import subprocess
@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import data_sources
-from alexnet_jax import evaluate
-from alexnet_jax import predict
-from alexnet_jax import train
+from alexnet_jax.core import evaluation
+from alexnet_jax.core import run as run_lib
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.paper import predict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = (0, 7, 359)  # indices into the digits test split
 
 
@@ -30,14 +29,14 @@ def _write_test_digits(config, directory):
 
 @pytest.mark.parametrize('ten_crop', [False, True])
 def test_files_match_the_evaluation_softmax(tiny_workdir, tmp_path, ten_crop):
-  config = train.load_config(tiny_workdir)
-  paths = _write_test_digits(config, tmp_path)
+  run = run_lib.open_run(tiny_workdir)
+  paths = _write_test_digits(run.config, tmp_path)
   preds = predict.predict_files(tiny_workdir, paths, ten_crop=ten_crop)
   # The independent path: the input pipeline's evaluation batches of the same test digits.
-  model, params, _ = train.load_trained(config, tiny_workdir)
-  probs, _ = evaluate.predict_split(model, params, config, ten_crop=ten_crop,
-                                    workdir=tiny_workdir)
-  names = predict.class_names(tiny_workdir)
+  restored = run.restore()
+  probs, _ = evaluation.split_probabilities(restored.model, restored.params, run.config,
+                                            ten_crop=ten_crop, mean=run.mean())
+  names = run.class_names()
   for pred, i in zip(preds, EXAMPLES):
     order = np.argsort(-probs[i])[:5]
     assert pred['labels'] == list(order)
@@ -48,7 +47,7 @@ def test_files_match_the_evaluation_softmax(tiny_workdir, tmp_path, ten_crop):
 
 
 def test_output_lists_five_classes_per_image(tiny_workdir, tmp_path):
-  paths = _write_test_digits(train.load_config(tiny_workdir), tmp_path)
+  paths = _write_test_digits(run_lib.read_config(tiny_workdir), tmp_path)
   text = predict.format_predictions(predict.predict_files(tiny_workdir, paths[:1]))
   lines = text.splitlines()
   assert lines[0] == paths[0] and len(lines) == 6
@@ -69,8 +68,9 @@ def test_command_reports_a_workdir_without_checkpoint(tiny_workdir, tmp_path):
   empty.mkdir()
   for name in ('config.json', 'classes.json'):
     (empty / name).write_text(open(os.path.join(tiny_workdir, name)).read())
-  image = _write_test_digits(train.load_config(tiny_workdir), tmp_path)[0]
-  proc = subprocess.run([sys.executable, '-m', 'alexnet_jax.predict', f'--workdir={empty}',
-                         image], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
+  image = _write_test_digits(run_lib.read_config(tiny_workdir), tmp_path)[0]
+  proc = subprocess.run([sys.executable, '-m', 'alexnet_jax.paper.predict', f'--workdir={empty}',
+                         image], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
   assert f'No checkpoints in {empty}' in proc.stderr and 'train first' in proc.stderr
+  assert 'Traceback' not in proc.stderr

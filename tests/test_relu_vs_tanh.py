@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from alexnet_jax import relu_vs_tanh
+from alexnet_jax.paper import relu_vs_tanh
 
 
 def test_the_two_nets_differ_only_in_the_activation():

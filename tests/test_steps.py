@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import models
-from alexnet_jax import optim
-from alexnet_jax import steps
+from alexnet_jax.core import models
+from alexnet_jax.core import optim
+from alexnet_jax.core import steps
 from configs import digits as digits_config
 
 

@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoints
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import models
-from alexnet_jax import optim
-from alexnet_jax import steps
-from alexnet_jax import train
+from alexnet_jax import errors
+from alexnet_jax.core import checkpoints
+from alexnet_jax.core import metrics as metrics_lib
+from alexnet_jax.core import optim
+from alexnet_jax.core import steps
+from alexnet_jax.core import train
 from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +36,7 @@ def _main(workdir, *flags, **popen):
 
 def _final_params(workdir, config):
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  state = steps.create_train_state(models.create_model(config), optim.create_optimizer(config),
-                                   config.seed, config.image_size)
-  state = jax.tree_util.tree_map(np.asarray, state)
+  _, _, state = steps.initial_state(config)
   restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
   manager.close()
   return restored[0]
@@ -104,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   config = _config(learning_rate=1e8, num_train_steps=50, checkpoint_every_steps=1,
                    log_every_steps=1000)
-  with pytest.raises(train.TrainingDivergedError, match='became (nan|inf|NaN)'):
+  with pytest.raises(errors.TrainingDivergedError, match='became (nan|inf|NaN)'):
     train.train_and_evaluate(config, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
   assert not saved or saved[-1] < 50
@@ -114,16 +112,19 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('batch_size', -128, 'positive'),
+    ('batch_size', -128, 'an integer >= 1'),
     ('batch_size', 12, 'divide evenly over the 8 devices'),
-    ('eval_batch_size', 0, 'positive'),
-    ('dataset', 'imagenet2013', 'neither a TFDS dataset'),
-    ('model', 'resnet', 'unknown variant'),
-    ('lr_schedule', 'cosine', 'choose one of'),
-    ('image_size', 64, 'larger than the resized image'),
-    ('checkpoint_every_steps', 0, 'positive'),
+    ('eval_batch_size', 0, 'an integer >= 1'),
+    ('dataset', 'imagenet2013', 'neither one of'),
+    ('model', 'resnet', "one of 'paper'"),
+    ('lr_schedule', 'cosine', "one of 'step', 'plateau'"),
+    ('image_size', 64, 'larger than the square image'),
+    ('checkpoint_every_steps', 0, 'an integer >= 1'),
+    ('pool_impl', 'fast', "one of 'auto'"),
+    ('lrn_alpha_convention', 'both', "one of 'paper', 'divided'"),
 ])
 def test_bad_config_values_stop_before_any_work(tmp_path, field, value, message):
-  with pytest.raises(ValueError, match=f'config.{field}=.*{message}'):
-    train.train_and_evaluate(_config(**{field: value}), str(tmp_path))
-  assert not os.path.exists(tmp_path / 'checkpoints')
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.ConfigError, match=f'config.{field}=.*{message}'):
+    train.train_and_evaluate(_config(**{field: value}), str(workdir))
+  assert not os.path.exists(workdir)

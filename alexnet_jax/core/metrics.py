@@ -29,6 +29,39 @@ def topk_errors(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return (rank >= k).astype(jnp.float32)
 
 
+def error_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the real (mask=True) examples of the loss and the top-1/top-5 errors (§6).
+
+  `probs` are class probabilities [B, C] (softmax outputs, or their average over crops or
+  models). Every evaluation counts its errors with this one function: training-time
+  evaluation, `--mode=eval` and the ensembles of `alexnet_jax.paper.evaluate`.
+  """
+  mask = mask.astype(jnp.float32)
+  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
+  return {
+      'loss': jnp.sum(nll * mask),
+      'top1_errors': jnp.sum(topk_errors(probs, labels, 1) * mask),
+      'top5_errors': jnp.sum(topk_errors(probs, labels, min(5, probs.shape[-1])) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def error_rates(sums: Mapping[str, Any]) -> dict[str, float]:
+  """`error_sums` (added up over batches, devices and processes) as the reported averages."""
+  count = max(float(sums['count']), 1.0)
+  return {'eval/loss': float(sums['loss']) / count,
+          'eval/top1_error': float(sums['top1_errors']) / count,
+          'eval/top5_error': float(sums['top5_errors']) / count,
+          'eval/num_examples': float(sums['count'])}
+
+
+def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(labels [N, k], scores [N, k]) of the k highest `scores`, highest first (for showing
+  predictions, §6 / Figure 4; the errors are counted by `topk_errors`)."""
+  values, labels = jax.lax.top_k(jnp.asarray(scores), min(k, scores.shape[-1]))
+  return labels, values
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard event files and to `workdir/metrics.jsonl` (process 0 only).
 

@@ -1,11 +1,13 @@
 """Training-set statistics: §2's mean image (and RGB mean) and §4.1's PCA of the RGB values.
 
-  python -m alexnet_jax.data_stats --config=configs/alexnet.py --output=stats.npz \
+  python -m alexnet_jax.data.stats --config=configs/alexnet.py --output=stats.npz \
       [--num_images=10000] [--config.data_dir=...]
+  python -m alexnet_jax.data.stats --workdir=RUN   # a run's own, into RUN/data_stats.npz
 
 writes an .npz that `config.stats_file` (mean image / RGB mean) and `config.pca_file` (eigval,
-eigvec) can name. Without a stats_file, `input_pipeline` calls `get_stats`, which computes the
-same thing from config.stats_num_images training images once and caches it in the workdir.
+eigvec) can name. Without a stats_file, the training loop calls `training_stats`, which computes
+the same thing from config.stats_num_images training images once and saves it in the workdir;
+commands that only read a run use `saved_stats`, which computes and writes nothing.
 
 Statistics are over the §2 "square" images (short side rescaled to resize_size, central patch),
 exactly as the input pipeline produces them before augmentation.
@@ -13,20 +15,21 @@ exactly as the input pipeline produces them before augmentation.
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 import os
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
-import jax
-from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import augment
-from alexnet_jax import data_sources
+from alexnet_jax.data import augment
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.errors import RunError
 
 STATS_FILENAME = 'data_stats.npz'  # in the workdir.
 # The sample of training images is drawn with a fixed seed, independent of config.seed, so that
@@ -120,62 +123,118 @@ def load_stats(path: str) -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
+def needs_stats(config) -> bool:
+  """Whether a run of `config` subtracts a mean computed from its training data."""
+  return config.mean != 'none' and config.dataset != 'synthetic'
+
+
+def mean_to_subtract(config, stats: dict[str, np.ndarray] | None) -> np.ndarray | None:
+  """What §2 subtracts from every square image: the mean image [R, R, 3] (config.mean='image'),
+  the RGB mean [1, 1, 3] ('channel'), or None ('none', or synthetic data)."""
+  if not needs_stats(config):
+    return None
+  if config.mean == 'channel':
+    return np.asarray(stats['rgb_mean'], np.float32).reshape(1, 1, 3)
+  mean_image = np.asarray(stats['mean_image'], np.float32)
+  size = config.resize_size
+  if mean_image.shape != (size, size, 3):
+    raise data_sources.DataError(
+        f'The mean image is {mean_image.shape}, config.resize_size is {size}: recompute it '
+        '(python -m alexnet_jax.data.stats) or fix config.stats_file.')
+  return mean_image
+
+
+def _matches(stats: dict[str, np.ndarray], config) -> bool:
+  return (str(stats.get('dataset')) == config.dataset
+          and int(stats.get('resize_size', -1)) == config.resize_size)
+
+
 # Statistics computed in this process, by (dataset, data_dir, train_split, resize_size, cache,
-# num_images): train_iterator and eval_iterator of one run then compute them once.
+# num_images): two runs of one process (tests, the ablation sweep) compute them once.
 _COMPUTED: dict[tuple, dict[str, np.ndarray]] = {}
 
 
-def get_stats(config, workdir: str | None) -> dict[str, np.ndarray]:
-  """The statistics a run uses: config.stats_file, else cached in the workdir, else computed.
+def training_stats(config, workdir: str, is_writer: bool = True
+                   ) -> dict[str, np.ndarray] | None:
+  """The statistics a training run uses: config.stats_file, else the workdir's, else computed.
 
   Computed from config.stats_num_images training images (all of them for 'digits') by
-  `compute_stats`, saved as workdir/data_stats.npz by process 0, and reused on later runs if
-  they match the dataset and resize_size.
+  `compute_stats` and saved as workdir/data_stats.npz (by the process with `is_writer`); reused
+  by later runs in the workdir if they match the dataset and resize_size. None where the run
+  subtracts no mean.
   """
+  if not needs_stats(config):
+    return None
   if config.stats_file:
     return load_stats(config.stats_file)
-  num_images = 0 if config.dataset == 'digits' else config.stats_num_images
-  path = os.path.join(workdir, STATS_FILENAME) if workdir else None
-  if path and os.path.exists(path):
+  path = os.path.join(workdir, STATS_FILENAME)
+  if os.path.exists(path):
     stats = load_stats(path)
-    if (str(stats.get('dataset')) == config.dataset
-        and int(stats.get('resize_size', -1)) == config.resize_size):
+    if _matches(stats, config):
       logging.info('Using the data statistics in %s.', path)
       return stats
     logging.warning('%s is for another dataset or resize_size: recomputing.', path)
+  num_images = 0 if config.dataset == 'digits' else config.stats_num_images
   fields = ('dataset', 'data_dir', 'train_split', 'resize_size', 'resize_antialias', 'cache')
-  key = tuple(config.get(k) for k in fields) + (num_images,)
+  key = tuple(config[k] for k in fields) + (num_images,)
   if key not in _COMPUTED:
     logging.info('Computing data statistics from %s training images.', num_images or 'all')
     _COMPUTED[key] = compute_stats(config, num_images)
   stats = _COMPUTED[key]
-  if path and jax.process_index() == 0:
+  if is_writer:
     save_stats(path, stats)
     logging.info('Saved the data statistics to %s.', path)
   return stats
 
 
+def saved_stats(config, workdir: str) -> dict[str, np.ndarray] | None:
+  """The statistics a finished run used, read only: config.stats_file or workdir/data_stats.npz.
+
+  None where the run subtracts no mean; RunError, naming the command that makes them, where
+  they are missing.
+  """
+  if not needs_stats(config):
+    return None
+  path = config.stats_file or os.path.join(workdir, STATS_FILENAME)
+  if not os.path.exists(os.path.expanduser(path)):
+    raise RunError(f'{path} does not exist: the run\'s data statistics (its mean) are missing. '
+                   f'Recompute them with `python -m alexnet_jax.data.stats --workdir={workdir}`.')
+  return load_stats(path)
+
+
 # ---------------------------------------------------------------------------- command line
 
 
-
 def _define_flags() -> None:
-  # Defined only when run as a command: the library must not claim `--config` in the global
-  # absl flag namespace that main.py also uses.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/alexnet.py).')
-  flags.DEFINE_string('output', 'stats.npz', 'Where to write the statistics (.npz).')
+  flags.DEFINE_string('workdir', None, 'Instead of --config: the workdir of a run; its own '
+                      'config is used and the result written to WORKDIR/data_stats.npz.')
+  flags.DEFINE_string('output', None, 'Where to write the statistics (.npz); default '
+                      'stats.npz, or WORKDIR/data_stats.npz with --workdir.')
   flags.DEFINE_integer('num_images', None,
                        'Training images to use (default: config.stats_num_images; 0: all).')
-  flags.mark_flags_as_required(['config'])
 
 
 def main(argv) -> None:
   """Computes the statistics of the configured training split and writes --output."""
-  del argv
-  config, output = flags.FLAGS.config, flags.FLAGS.output
-  num_images = flags.FLAGS.num_images
-  if num_images is None:
-    num_images = config.stats_num_images
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import run as run_lib  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if (f.config is None) == (f.workdir is None):
+    raise app.UsageError('Give either --config=FILE or --workdir=RUN.')
+  if f.workdir:
+    config = run_lib.read_config(f.workdir)
+    output = f.output or os.path.join(f.workdir, STATS_FILENAME)
+  else:
+    config, output = f.config, f.output or 'stats.npz'
+  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, num_devices=1)
+  num_images = config.stats_num_images if f.num_images is None else f.num_images
   stats = compute_stats(config, num_images)
   save_stats(output, stats)
   print(f'Wrote {output}: {int(stats["num_images"])} images, '
@@ -183,6 +242,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  _define_flags()
-  logging.set_verbosity(logging.INFO)
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)

@@ -25,8 +25,6 @@ def checkpoint_dir(workdir: str) -> str:
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the `keep` most recent checkpoints and, besides them, the best by BEST_METRIC."""
-  if keep < 1:
-    raise ValueError(f'config.keep_checkpoints={keep} must be at least 1')
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(keep),
       # BestN keeps the highest values of get_metric_fn: negate the error.

@@ -21,11 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax import ops
+from alexnet_jax.core import kernels as kernels_lib
+from alexnet_jax.core import ops
+from alexnet_jax.core.config import VARIANTS
+from alexnet_jax.core.kernels import Kernels
 
-VARIANTS = ('paper', 'one_column', 'owt', 'small', 'small_one_column')
 ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
-COLUMN_IMPLS = ('auto', 'split', 'grouped')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -96,7 +97,7 @@ def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
 
 def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: float = 1e-4,
                         beta: float = 0.75, alpha_convention: str = 'paper',
-                        impl: str = 'auto') -> jax.Array:
+                        impl: str = 'custom') -> jax.Array:
   """Local Response Normalization across channels (§3.3), NHWC.
 
   b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta
@@ -106,8 +107,8 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   `local_response_normalization` too); 'divided' uses alpha / n, the convention of
   cuda-convnet, Caffe and PyTorch (whose `LocalResponseNorm(5, alpha=5e-4)` equals the paper's
   formula as written with alpha=1e-4).
-  impl: 'custom' (a hand-written gradient, `ops.lrn_custom`), 'reduce_window' (the plain form
-  and its autodiff gradient) or 'auto' (= 'custom'); both give the same values.
+  impl: 'custom' (a hand-written gradient, `ops.lrn_custom`) or 'reduce_window' (the plain form
+  and its autodiff gradient); both give the same values.
   """
   if alpha_convention == 'divided':
     alpha = alpha / n
@@ -128,7 +129,7 @@ class LocalResponseNorm(nn.Module):
   alpha: float = 1e-4
   beta: float = 0.75
   alpha_convention: str = 'paper'
-  impl: str = 'auto'
+  impl: str = 'custom'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,34 +137,19 @@ class LocalResponseNorm(nn.Module):
                                alpha_convention=self.alpha_convention, impl=self.impl)
 
 
-def resolve_column_impl(impl: str) -> str:
-  """'auto' -> the faster implementation of the two-column convolution on this backend.
-
-  On XLA:CPU a `feature_group_count=2` convolution measured 4.7x slower (conv2 forward+backward,
-  batch 128) than two separate half-convolutions; GPU/TPU convolution libraries run grouped
-  convolutions natively, so they keep the single grouped op.
-  """
-  if impl not in COLUMN_IMPLS:
-    raise ValueError(f'column_impl must be one of {COLUMN_IMPLS}, got {impl!r}')
-  if impl == 'auto':
-    return 'split' if jax.default_backend() == 'cpu' else 'grouped'
-  return impl
-
-
 class ColumnConv(nn.Module):
   """A convolution whose output halves see only their own half of the input (§3.2 columns).
 
   The kernel is stored as (kh, kw, in_features // columns, features), the layout of a grouped
-  convolution, so 'split' and 'grouped' implementations share the same parameters.
+  convolution, so 'split' and 'grouped' implementations (`kernels.column_impl`) share the
+  same parameters.
   """
   features: int
   kernel_size: int
   strides: int = 1
   padding: Any = 'SAME'
   columns: int = 1
-  impl: str = 'auto'
-  conv_impl: str = 'auto'  # strided convolutions: see ops.strided_conv.
-  conv_backend: str = 'auto'  # 'xla' | 'onednn' | 'auto': see ops.resolve_conv_backend.
+  kernels: Kernels = Kernels()  # which implementations: see alexnet_jax/core/kernels.py
   kernel_init: Callable = nn.initializers.normal(0.01)
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -180,14 +166,15 @@ class ColumnConv(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    backend = self.kernels.conv_backend
     conv = lambda lhs, rhs, groups=1: ops.conv(lhs, rhs, self.strides, self.padding, groups,
-                                               self.conv_backend)
+                                               backend)
     if g == 1 and self.strides > 1:
-      y = ops.strided_conv(x, kernel, self.strides, self.padding, self.conv_impl,
-                           self.conv_backend)
+      y = ops.strided_conv(x, kernel, self.strides, self.padding, self.kernels.conv_impl,
+                           backend)
     elif g == 1:
       y = conv(x, kernel)
-    elif resolve_column_impl(self.impl) == 'grouped':
+    elif self.kernels.column_impl == 'grouped':
       y = conv(x, kernel, g)
     else:
       xs = jnp.split(x, g, axis=-1)
@@ -236,11 +223,7 @@ class AlexNet(nn.Module):
   weight_init_std: float = 0.01
   bias_init_one: float = 1.0
   dtype: Any = jnp.float32
-  column_impl: str = 'auto'
-  pool_impl: str = 'auto'
-  lrn_impl: str = 'auto'
-  conv_impl: str = 'auto'
-  conv_backend: str = 'auto'
+  kernels: Kernels = Kernels()  # which implementations: see alexnet_jax/core/kernels.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -256,17 +239,16 @@ class AlexNet(nn.Module):
     x = x.astype(dtype)
     for spec in conv_specs(self.variant):
       x = ColumnConv(spec.features, spec.kernel, spec.stride, spec.padding, spec.columns,
-                     impl=self.column_impl, conv_impl=self.conv_impl,
-                     conv_backend=self.conv_backend, kernel_init=w_init,
+                     kernels=self.kernels, kernel_init=w_init,
                      bias_init=b_init(spec.bias_one), dtype=dtype, name=spec.name)(x)
       x = act(x)
       self.sow('intermediates', spec.name + '_out', x)
       if spec.lrn and self.lrn:
         x = local_response_norm(x, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
                                 beta=self.lrn_beta, alpha_convention=self.lrn_alpha_convention,
-                                impl=self.lrn_impl)
+                                impl=self.kernels.lrn_impl)
       if spec.pool:
-        x = ops.max_pool(x, window, stride, impl=self.pool_impl)
+        x = ops.max_pool(x, window, stride, impl=self.kernels.pool_impl)
         self.sow('intermediates', 'pool' + spec.name[-1], x)
 
     if self.variant == 'owt':
@@ -287,32 +269,18 @@ class AlexNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def create_model(config: Any) -> AlexNet:
-  """Builds the AlexNet that `config` (an ml_collections.ConfigDict) describes."""
-  if config.model not in VARIANTS:
-    raise ValueError(f'config.model={config.model!r}: unknown variant; choose one of {VARIANTS}')
-  if config.dtype not in DTYPES:
-    raise ValueError(f'config.dtype={config.dtype!r}: choose one of {tuple(DTYPES)}')
-  if config.activation not in ACTIVATIONS:
-    raise ValueError(f'config.activation={config.activation!r}: choose one of '
-                     f'{tuple(ACTIVATIONS)}')
-  if config.column_impl not in COLUMN_IMPLS:
-    raise ValueError(f'config.column_impl={config.column_impl!r}: choose one of {COLUMN_IMPLS}')
-  if config.get('conv_backend', 'auto') not in ops.CONV_BACKENDS:
-    raise ValueError(f'config.conv_backend={config.conv_backend!r}: choose one of '
-                     f'{ops.CONV_BACKENDS}')
-  if not 0.0 <= config.dropout_rate < 1.0:
-    raise ValueError(f'config.dropout_rate={config.dropout_rate!r} must be in [0, 1)')
+def create_model(config: Any, kernels: Kernels | None = None) -> AlexNet:
+  """The AlexNet that `config` (a validated ConfigDict) describes, computed with `kernels`
+  (default: `kernels.resolve(config)` for JAX's default devices)."""
+  if kernels is None:
+    kernels = kernels_lib.resolve(config)
   return AlexNet(
       variant=config.model, num_classes=config.num_classes, lrn=config.lrn, lrn_k=config.lrn_k,
       lrn_n=config.lrn_n, lrn_alpha=config.lrn_alpha, lrn_beta=config.lrn_beta,
       lrn_alpha_convention=config.lrn_alpha_convention, overlapping_pool=config.overlapping_pool,
       activation=config.activation, dropout_rate=config.dropout_rate,
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
-      dtype=config.dtype, column_impl=config.column_impl,
-      pool_impl=config.get('pool_impl', 'auto'), lrn_impl=config.get('lrn_impl', 'auto'),
-      conv_impl=config.get('conv_impl', 'auto'),
-      conv_backend=config.get('conv_backend', 'auto'))
+      dtype=config.dtype, kernels=kernels)
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:

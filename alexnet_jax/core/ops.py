@@ -2,8 +2,9 @@
 
 Everything here is a pure function of NHWC arrays. Each fast form has a plain reference form
 (the obvious JAX expression) that the tests compare it with, values and gradients alike, and an
-`impl` switch whose 'auto' picks per backend. Measured on XLA:CPU, batch 128, paper layer
-sizes (BENCHMARKS.md has the commands): see each function's docstring.
+`impl` switch; which form a run uses is decided once, before tracing, by `kernels.resolve`.
+Measured on XLA:CPU, batch 128, paper layer sizes (BENCHMARKS.md has the commands): see each
+function's docstring.
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alexnet_jax import onednn
+from alexnet_jax import cpu
 
-POOL_IMPLS = ('auto', 'reduce_window', 'mask')
-LRN_IMPLS = ('auto', 'reduce_window', 'custom')
-CONV_IMPLS = ('auto', 'direct', 'im2col')
-CONV_BACKENDS = ('auto', 'xla', 'onednn')
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
+POOL_IMPLS = ('reduce_window', 'mask')
+LRN_IMPLS = ('reduce_window', 'custom')
+CONV_IMPLS = ('direct', 'im2col')
+CONV_BACKENDS = ('xla', 'onednn')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +91,7 @@ def _lrn_bwd(k, n, alpha, beta, res, g):
 lrn_custom.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-def lrn(x: jax.Array, k: float, n: int, alpha: float, beta: float, impl: str = 'auto'
+def lrn(x: jax.Array, k: float, n: int, alpha: float, beta: float, impl: str = 'custom'
         ) -> jax.Array:
   """Local Response Normalization across the last axis, alpha as written (see models.py)."""
   if impl not in LRN_IMPLS:
@@ -158,16 +155,15 @@ def _pool_bwd(window, stride, res, g):
 max_pool_mask.defvjp(_pool_fwd, _pool_bwd)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.Array:
+def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'reduce_window') -> jax.Array:
   """Max-pooling over `window` x `window` patches with `stride`, no padding (NHWC).
 
-  impl: 'reduce_window' (XLA's own gradient), 'mask' (the scatter-free gradient), or 'auto':
-  'mask' on CPU, where it measured faster; XLA's own on GPU/TPU, whose pooling backward is a
-  native kernel.
+  impl: 'reduce_window' (XLA's own gradient) or 'mask' (the scatter-free gradient, faster on
+  XLA:CPU; GPU/TPU pooling backward is a native kernel).
   """
   if impl not in POOL_IMPLS:
     raise ValueError(f'pool_impl must be one of {POOL_IMPLS}, got {impl!r}')
-  if impl == 'mask' or (impl == 'auto' and _on_cpu()):
+  if impl == 'mask':
     return max_pool_mask(x, window, stride)
   return max_pool_reference(x, window, stride)
 
@@ -176,42 +172,21 @@ def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.
 # Convolutions: XLA's or oneDNN's; conv1's strided convolution (11x11, stride 4, on 3 channels).
 
 
-def resolve_conv_backend(backend: str, dtype) -> str:
-  """'auto' -> 'onednn' on the CPU backend when the oneDNN calls build, for float32, and for
-  bfloat16 where the CPU multiplies it natively (`onednn.cpu_has_bf16`); else 'xla'.
-
-  oneDNN runs the paper's convolutions with their gradients 1.5-2.5x faster than XLA:CPU
-  (forward+backward at batch 128: conv2's two columns 488 vs 1,192 ms, conv3 324 vs 477 ms;
-  conv1 with its kernel gradient 145 ms vs 368 for the im2col form; BENCHMARKS.md). GPUs and
-  TPUs keep XLA's.
-  An explicit 'onednn' that cannot be honoured is an error, not a silent fallback.
-  """
-  if backend not in CONV_BACKENDS:
-    raise ValueError(f'conv_backend must be one of {CONV_BACKENDS}, got {backend!r}')
-  if backend == 'xla':
-    return backend
-  dtype = jnp.dtype(dtype)
-  usable = _on_cpu() and dtype in (jnp.float32, jnp.bfloat16)
-  if backend == 'auto':
-    fast = dtype == jnp.float32 or onednn.cpu_has_bf16()
-    return 'onednn' if usable and fast and onednn.available() else 'xla'
-  if not usable:
-    raise ValueError(f'conv_backend=onednn needs the CPU backend and float32 or bfloat16, not '
-                     f'{jax.default_backend()} and {dtype.name}')
-  if dtype == jnp.bfloat16 and not onednn.cpu_has_bf16():
-    raise ValueError('conv_backend=onednn with bfloat16 needs a CPU with AVX512-BF16 or AMX')
-  if not onednn.available():
-    raise RuntimeError(f'conv_backend=onednn: {onednn.unavailable_reason()}')
-  return backend
-
-
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int = 1,
          backend: str = 'xla') -> jax.Array:
-  """Cross-correlation of NHWC `x` with an HWIO `kernel`, by XLA or (ungrouped) by oneDNN."""
-  if (groups == 1 and not isinstance(padding, str) and
-      resolve_conv_backend(backend, x.dtype) == 'onednn'):
+  """Cross-correlation of NHWC `x` with an HWIO `kernel`, by XLA or (ungrouped) by oneDNN.
+
+  backend='onednn' needs the CPU backend, explicit ((top, bottom), (left, right)) padding and
+  groups=1 (the calls are ungrouped): anything else is an error, not a silent fallback.
+  """
+  if backend not in CONV_BACKENDS:
+    raise ValueError(f'conv backend must be one of {CONV_BACKENDS}, got {backend!r}')
+  if backend == 'onednn':
+    if groups != 1 or isinstance(padding, str):
+      raise ValueError(f'the oneDNN convolution takes groups=1 and explicit padding pairs, not '
+                       f'groups={groups}, padding={padding!r}')
     pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return onednn.conv2d(x, kernel, stride, pairs)
+    return cpu.conv2d(x, kernel, stride, pairs)
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                   feature_group_count=groups)
@@ -260,18 +235,14 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
   return jnp.einsum('bhwk,ko->bhwo', patches, _blocked_kernel(kernel, stride))
 
 
-def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str = 'auto',
+def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str = 'direct',
                  backend: str = 'xla') -> jax.Array:
-  """A convolution with stride > 1: 'direct', 'im2col', or 'auto'.
-
-  'auto' is oneDNN's direct convolution where `backend` resolves to oneDNN, else im2col on the
-  CPU; GPU and TPU convolution libraries handle strided convolutions natively and keep them.
-  """
+  """A convolution with stride > 1: 'direct' (a convolution, by `backend`) or 'im2col' (a
+  matrix product of explicit patches, `conv_im2col`, which needs explicit padding pairs)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
-  if impl == 'auto' and resolve_conv_backend(backend, x.dtype) == 'onednn':
-    return conv(x, kernel, stride, padding, backend=backend)
-  use_im2col = impl == 'im2col' or (impl == 'auto' and _on_cpu())
-  if stride > 1 and use_im2col and not isinstance(padding, str):
+  if impl == 'im2col':
+    if isinstance(padding, str):
+      raise ValueError(f'conv_impl=im2col takes explicit padding pairs, not {padding!r}')
     return conv_im2col(x, kernel, stride, padding)
-  return conv(x, kernel, stride, padding)
+  return conv(x, kernel, stride, padding, backend=backend)

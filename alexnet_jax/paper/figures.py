@@ -1,8 +1,9 @@
 """The paper's Figures 3 and 4 for any trained workdir.
 
-  python -m alexnet_jax.figures filters --workdir=DIR --output=conv1.png
-  python -m alexnet_jax.figures predictions --workdir=DIR --output=pred.png [--num_images=8]
-  python -m alexnet_jax.figures neighbours --workdir=DIR --output=nn.png [--num_queries=5] \
+  python -m alexnet_jax.paper.figures filters --workdir=DIR --output=conv1.png
+  python -m alexnet_jax.paper.figures predictions --workdir=DIR --output=pred.png \
+      [--num_images=8]
+  python -m alexnet_jax.paper.figures neighbours --workdir=DIR --output=nn.png [--num_queries=5] \
       [--max_train_images=N]
 
 - filters (Figure 3, §6.1): the conv1 kernels, one tile per kernel, each min-max normalised to
@@ -13,9 +14,18 @@
   probable classes as bars.
 - neighbours (Figure 4, right): validation images beside the six training images whose FC7
   activations (the last hidden layer) are nearest in Euclidean distance, found by brute force.
+
+
+The run is opened read-only; images go through the evaluation's preprocessing
+(`augment.eval_patches`) and probabilities (`steps.probabilities`). Figures are drawn on
+matplotlib `Figure` objects, without pyplot, so no global backend is chosen.
 """
 
 from __future__ import annotations
+
+if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import os
 import time
@@ -26,17 +36,16 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import matplotlib
-matplotlib.use('Agg')  # Files only: no display is needed (or available on servers).
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import augment
-from alexnet_jax import data_sources
-from alexnet_jax import models
-from alexnet_jax import predict
-from alexnet_jax import train
+from alexnet_jax.core import models
+from alexnet_jax.core import run as run_lib
+from alexnet_jax.data import augment
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.errors import DataError
+from alexnet_jax.paper import predict
 
 NUM_NEIGHBOURS = 6  # §6.1 / Figure 4: the six nearest training images.
 _BATCH = 256
@@ -92,15 +101,18 @@ def filter_grid(kernel: np.ndarray, *, blocks: int = 1, columns: int | None = No
 
 def plot_filters(workdir: str, output: str, *, which: str = 'best') -> dict[str, Any]:
   """Figure 3: writes the conv1 kernels of `workdir`'s checkpoint to `output` (PNG)."""
-  config = train.load_config(workdir)
-  _, params, step = train.load_trained(config, workdir, which=which)
-  kernel = np.asarray(params['conv1']['kernel'])
+  run = run_lib.open_run(workdir)
+  config = run.config
+  restored = run.restore(which=which)
+  step = restored.step
+  kernel = np.asarray(restored.params['conv1']['kernel'])
   blocks = column_blocks(config.model)
   columns = 16 if kernel.shape[-1] == 96 else None  # the paper's 96: two blocks of 3 x 16
   canvas, _ = filter_grid(kernel, blocks=blocks, columns=columns)
   scale = max(1, 400 // canvas.shape[1])  # nearest-neighbour upscaling keeps pixels sharp
-  fig, ax = plt.subplots(figsize=(canvas.shape[1] * scale / 100 + 0.4,
-                                  canvas.shape[0] * scale / 100 + 0.7), dpi=100)
+  fig = Figure(figsize=(canvas.shape[1] * scale / 100 + 0.4,
+                       canvas.shape[0] * scale / 100 + 0.7), dpi=100)
+  ax = fig.subplots()
   ax.imshow(canvas, interpolation='nearest')
   ax.set_axis_off()
   title = f'{kernel.shape[-1]} conv1 kernels {kernel.shape[0]}x{kernel.shape[1]}x3, step {step}'
@@ -148,15 +160,14 @@ def _load_examples(config, split: str, max_examples: int | None,
     ds = source.records(0, 1).take(n).enumerate().map(
         lambda i, ex: {'square': source.decode(ex['image']), 'label': ex['label'], 'index': i})
   else:
-    raise data_sources.DataError("dataset='synthetic' has no images to show.")
+    raise DataError("dataset='synthetic' has no images to show.")
   return ds.batch(_BATCH).prefetch(2), n, how.format(n) + f' images of {split!r}'
 
 
 def _network_batches(ds: tf.data.Dataset, mean: np.ndarray | None,
                      image_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Adds the un-augmented central patch minus the mean ('image'), as evaluation sees it."""
-  # The same ops as input_pipeline.eval_iterator: subtract the mean from the square, then crop.
-  fn = lambda sq: augment.center_crop(sq - mean if mean is not None else sq, image_size)
+  fn = lambda sq: augment.eval_patches(sq, mean, image_size, ten_crop=False)
   for batch in ds.map(lambda b: {**b, 'image': tf.map_fn(fn, b['square'])}).as_numpy_iterator():
     yield batch
 
@@ -167,17 +178,21 @@ def _network_batches(ds: tf.data.Dataset, mean: np.ndarray | None,
 def plot_predictions(workdir: str, output: str, *, num_images: int = 8, split: str | None = None,
                      which: str = 'best') -> dict[str, Any]:
   """Figure 4 (left): evenly spaced validation images, their true class and top-5 bars."""
-  config = train.load_config(workdir)
-  names = predict.class_names(workdir)
-  model, params, step = train.load_trained(config, workdir, which=which)
+  run = run_lib.open_run(workdir)
+  config = run.config
+  names = run.class_names()
+  mean = run.mean()
+  restored = run.restore(which=which)
+  step = restored.step
   split = split or config.eval_split
   ds, _, how = _load_examples(config, split, num_images, sample=False)
-  batch = next(_network_batches(ds, predict.mean_to_subtract(config, workdir), config.image_size))
-  labels, probs = predict.top_k(predict.class_probabilities(model, params, batch['image']))
+  batch = next(_network_batches(ds, mean, config.image_size))
+  labels, probs = predict.top_k(predict.class_probabilities(restored.model, restored.params,
+                                                            batch['image']))
   n = len(batch['label'])
   cols = min(n, 4)
   rows = -(-n // cols)
-  fig = plt.figure(figsize=(2.4 * cols, 3.4 * rows), dpi=100)
+  fig = Figure(figsize=(2.4 * cols, 3.4 * rows), dpi=100)
   grid = fig.add_gridspec(rows, cols, hspace=0.3, wspace=0.55)
   for i in range(n):
     cell = grid[divmod(i, cols)].subgridspec(2, 1, height_ratios=[1.5, 1], hspace=0.05)
@@ -248,9 +263,11 @@ def nearest_neighbours(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, 
 def find_neighbours(workdir: str, *, num_queries: int = 5, max_train_images: int | None = None,
                     split: str | None = None, which: str = 'best') -> dict[str, Any]:
   """Validation queries and their NUM_NEIGHBOURS nearest training images by FC7 distance."""
-  config = train.load_config(workdir)
-  model, params, step = train.load_trained(config, workdir, which=which)
-  mean = predict.mean_to_subtract(config, workdir)
+  run = run_lib.open_run(workdir)
+  config = run.config
+  mean = run.mean()
+  restored = run.restore(which=which)
+  model, params, step = restored.model, restored.params, restored.step
   fc7 = jax.jit(lambda p, x: models.fc7_features(model, p, x))
   query_ds, _, _ = _load_examples(config, split or config.eval_split, num_queries, sample=False)
   queries = next(_network_batches(query_ds, mean, config.image_size))
@@ -277,11 +294,11 @@ def find_neighbours(workdir: str, *, num_queries: int = 5, max_train_images: int
 
 def plot_neighbours(workdir: str, output: str, **kwargs) -> dict[str, Any]:
   """Figure 4 (right): writes each query beside its six nearest training images to `output`."""
+  names = run_lib.open_run(workdir).class_names()
   found = find_neighbours(workdir, **kwargs)
-  names = predict.class_names(workdir)
   q = len(found['ids'])
-  fig, axes = plt.subplots(q, NUM_NEIGHBOURS + 1, figsize=(1.3 * (NUM_NEIGHBOURS + 1), 1.45 * q),
-                           dpi=100, squeeze=False)
+  fig = Figure(figsize=(1.3 * (NUM_NEIGHBOURS + 1), 1.45 * q), dpi=100)
+  axes = fig.subplots(q, NUM_NEIGHBOURS + 1, squeeze=False)
   size = found['image_size']
   for r in range(q):
     axes[r, 0].imshow(_display(found['queries']['square'][r], size), interpolation='nearest')
@@ -315,7 +332,6 @@ def _save(fig, output: str) -> None:
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   fig.savefig(output, bbox_inches='tight')
-  plt.close(fig)
   logging.info('Wrote %s', output)
 
 
@@ -338,24 +354,20 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """Dispatches to one of COMMANDS."""
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f'Name one figure: python -m alexnet_jax.figures {{{",".join(COMMANDS)}}}'
+    raise app.UsageError(f'Name one figure: python -m alexnet_jax.paper.figures {{{",".join(COMMANDS)}}}'
                          ' --workdir=DIR --output=FILE.png')
-  train.console_logging()
   f = flags.FLAGS
-  try:
-    if argv[1] == 'filters':
-      plot_filters(f.workdir, f.output, which=f.checkpoint)
-    elif argv[1] == 'predictions':
-      plot_predictions(f.workdir, f.output, num_images=f.num_images, split=f.split,
-                       which=f.checkpoint)
-    else:
-      plot_neighbours(f.workdir, f.output, num_queries=f.num_queries,
-                      max_train_images=f.max_train_images, split=f.split, which=f.checkpoint)
-  except FileNotFoundError as e:
-    raise SystemExit(f'Error: {e}') from None
+  if argv[1] == 'filters':
+    plot_filters(f.workdir, f.output, which=f.checkpoint)
+  elif argv[1] == 'predictions':
+    plot_predictions(f.workdir, f.output, num_images=f.num_images, split=f.split,
+                     which=f.checkpoint)
+  else:
+    plot_neighbours(f.workdir, f.output, num_queries=f.num_queries,
+                    max_train_images=f.max_train_images, split=f.split, which=f.checkpoint)
   print(f'Wrote {f.output}')
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)

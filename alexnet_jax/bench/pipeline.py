@@ -1,10 +1,11 @@
 """Input-pipeline throughput: the paper's training preprocessing on a folder of real-size JPEGs.
 
-  python -m alexnet_jax.pipeline_benchmark --num_images=512 --batches=20 [--dir=bench_data]
+  python -m alexnet_jax.bench.pipeline --num_images=512 --batches=20 [--dir=bench_data] \
+      [--config=configs/alexnet.py]
 
 Writes `num_images` JPEGs of ImageNet-like sizes (about 500x375, some portrait, some larger) with
 smooth, natural-looking content into --dir (reused if it already holds them; a temporary folder
-by default), then times `input_pipeline.train_iterator` with configs/alexnet.py and
+by default), then times `data.pipeline.train_iterator` with --config (configs/alexnet.py) and
 dataset='folder': decode of the central square, resize to 256, mean image, random 224 crop,
 flip and PCA lighting, batches of 128. Prints images/second after --warmup batches, and a JSON
 line. Run it on a quiet machine: it uses every core tf.data can get.
@@ -21,6 +22,8 @@ from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
+
+from alexnet_jax.errors import UserError
 
 # ImageNet's typical image is 500x375 (4:3); the long side varies around it.
 TYPICAL_LONG_SIDE = 500
@@ -80,20 +83,23 @@ def _count_images(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
 
 
-def benchmark(directory: str, batches: int, warmup: int, batch_size: int | None,
-              antialias: bool = True) -> dict:
-  """Times train_iterator on directory/train; returns images/second and the settings."""
+def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int | None = None,
+              antialias: bool | None = None) -> dict:
+  """Times train_iterator of `config` on directory/train; returns images/second and settings."""
   # Imported here: TensorFlow and JAX start only after the files exist.
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from configs import alexnet  # pylint: disable=g-import-not-at-top
-  config = alexnet.get_config()
+  from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
   config.dataset, config.data_dir, config.eval_split = 'folder', directory, 'train'
   config.stats_num_images = 256  # the mean image is computed before timing starts.
   if batch_size:
     config.batch_size = batch_size
-  config.resize_antialias = antialias  # read by data_sources with config.get(..., True)
+  if antialias is not None:
+    config.resize_antialias = antialias
+  antialias = config.resize_antialias
   with tempfile.TemporaryDirectory() as workdir:
-    iterator = input_pipeline.train_iterator(config, workdir=workdir)
+    mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
+    iterator = input_pipeline.train_iterator(config, mean=mean)
     for _ in range(warmup):
       next(iterator)
     start = time.perf_counter()
@@ -106,30 +112,41 @@ def benchmark(directory: str, batches: int, warmup: int, batch_size: int | None,
 
 
 def _define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', cli.checkout_config('alexnet.py'),
+                                  'Config whose training pipeline is timed.')
   flags.DEFINE_integer('num_images', 512, 'JPEGs to generate (if --dir has fewer).')
   flags.DEFINE_integer('batches', 20, 'Batches timed after the warm-up.')
   flags.DEFINE_integer('warmup', 5, 'Batches before the clock starts (fills the buffers).')
   flags.DEFINE_integer('batch_size', None, 'Override config.batch_size (default 128).')
   flags.DEFINE_string('dir', None, 'Folder for the JPEGs, reused if present (default: temp).')
-  flags.DEFINE_bool('antialias', True, 'Antialiased resize to 256 (the default pipeline).')
+  flags.DEFINE_bool('antialias', None, 'Antialiased resize to 256 (default: the config\'s '
+                    'resize_antialias).')
 
 
 def main(argv) -> None:
   """Generates the JPEGs if needed, runs the benchmark, prints the result."""
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.config is None:
+    raise UserError('No configs/alexnet.py next to this installation: pass --config=FILE.')
+  if f.num_images < 1 or f.batches < 1 or f.warmup < 0:
+    raise UserError(f'--num_images={f.num_images} and --batches={f.batches} must be >= 1, '
+                    f'--warmup={f.warmup} >= 0')
   with tempfile.TemporaryDirectory() as scratch:
     directory = f.dir or scratch
     if _count_images(directory) < f.num_images:
       start = time.perf_counter()
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
-    result = benchmark(directory, f.batches, f.warmup, f.batch_size, f.antialias)
+    result = benchmark(f.config, directory, f.batches, f.warmup, f.batch_size, f.antialias)
   print(f'{result["images_per_sec"]:.1f} images/s (batch {result["batch_size"]}, '
         f'{result["batches"]} batches, {result["num_files"]} files, {result["cpus"]} CPUs)')
   print(json.dumps(result))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -64,8 +65,26 @@ def cache_dir() -> str:
                         os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax'))
 
 
-def _build() -> str:
-  """Compiles csrc/onednn_conv.cc (once per source, JAX and oneDNN) and returns the .so path."""
+def _cache_key(cxx: str, cmd_flags: list[str], lib_dir: str) -> str:
+  """What the built library depends on: the source, the flags, JAX, oneDNN, the compiler (its
+  path and version) and the platform (machine, OS, Python ABI)."""
+  try:
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False,
+                             timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise RuntimeError(f'the C++ compiler {cxx} does not run: {e}') from e
+  with open(_SOURCE, 'rb') as f:
+    source = f.read()
+  inputs = (cmd_flags, lib_dir, jax.__version__,
+            os.path.realpath(os.path.join(lib_dir, 'libdnnl.so')), os.path.realpath(cxx),
+            version, platform.machine(), platform.system(), platform.libc_ver(),
+            sys.implementation.cache_tag)
+  return hashlib.sha256(source + repr(inputs).encode()).hexdigest()[:16]
+
+
+def _build(rebuild: bool = False) -> str:
+  """Compiles csrc/onednn_conv.cc (once per `_cache_key`) and returns the .so path; `rebuild`
+  compiles again over a cached library (one that failed to load)."""
   prefix = _dnnl_prefix()
   if prefix is None:
     raise RuntimeError('oneDNN is not installed (pip install onednn-cpu-gomp '
@@ -76,12 +95,8 @@ def _build() -> str:
   lib_dir = os.path.join(prefix, 'lib')
   cmd_flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-isystem', jax.ffi.include_dir(),
                '-isystem', os.path.join(prefix, 'include')]
-  with open(_SOURCE, 'rb') as f:
-    key = hashlib.sha256(f.read() + repr((cmd_flags, lib_dir, jax.__version__,
-                                          os.path.realpath(os.path.join(lib_dir, 'libdnnl.so'))
-                                          )).encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir(), f'onednn_conv-{key}.so')
-  if os.path.exists(path):
+  path = os.path.join(cache_dir(), f'onednn_conv-{_cache_key(cxx, cmd_flags, lib_dir)}.so')
+  if os.path.exists(path) and not rebuild:
     return path
   os.makedirs(cache_dir(), exist_ok=True)
   logging.info('Building the oneDNN convolution calls (once): %s', path)
@@ -111,15 +126,25 @@ def available() -> bool:
   try:
     if 'cpu' not in {d.platform for d in jax.devices('cpu')}:
       raise RuntimeError('no CPU backend')
-    lib = ctypes.cdll.LoadLibrary(_build())
-    for target, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                  platform='cpu')
+    try:
+      symbols = _load(_build())
+    except (OSError, AttributeError) as e:  # A damaged or stale cached library: rebuild once.
+      logging.warning('The cached oneDNN calls did not load (%s): building them again.', e)
+      symbols = _load(_build(rebuild=True))
+    for target, symbol in symbols.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform='cpu')
     return True
-  except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-    _unavailable_reason = str(e)
-    logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
+  except (RuntimeError, OSError, AttributeError, ValueError, TypeError,
+          subprocess.SubprocessError) as e:
+    _unavailable_reason = f'{type(e).__name__}: {e}'
+    logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', _unavailable_reason)
     return False
+
+
+def _load(path: str) -> dict[str, object]:
+  """The FFI handlers (target -> function) of the shared library at `path`."""
+  lib = ctypes.cdll.LoadLibrary(path)
+  return {target: getattr(lib, symbol) for target, symbol in _TARGETS.items()}
 
 
 def unavailable_reason() -> str | None:

@@ -2,7 +2,7 @@
 
 Every source ends in the same thing, §2's "square" image: the short side rescaled to
 `config.resize_size` and the central resize_size x resize_size patch kept, float32 RGB on a
-0..255 scale. `input_pipeline` does the rest (mean, crops, flips, lighting, batching).
+0..255 scale. `alexnet_jax.data.pipeline` does the rest (mean, crops, flips, lighting, batching).
 
 Two kinds of split:
 - `IndexedSplit`: examples readable in any order by index (folder, digits, a TFDS split held in
@@ -20,17 +20,10 @@ from typing import Callable
 
 from absl import logging
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-# Keep TensorFlow quiet and off the accelerators: JAX owns the GPU, tf.data only uses the CPU.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF already initialised its devices (someone imported and used it first).
-  logging.warning('TensorFlow was initialised before alexnet_jax.data_sources; it may hold GPUs.')
-tfds.disable_progress_bar()
+from alexnet_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # 'folder' source, compared case-insensitively.
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -42,10 +35,6 @@ SYNTHETIC_NUM_EVAL = 50_000
 DIGITS_MAX_VALUE = 16.0
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
-
-
-class DataError(ValueError):
-  """The data the config asks for is missing or unusable; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +122,7 @@ def decode_center_square(encoded: tf.Tensor, resize_size: int,
 def _decoder(config) -> Callable[[tf.Tensor], tf.Tensor]:
   """decode_center_square with the config's resize_size (and antialias choice)."""
   return functools.partial(decode_center_square, resize_size=config.resize_size,
-                           antialias=config.get('resize_antialias', True))
+                           antialias=config.resize_antialias)
 
 
 # ---------------------------------------------------------------------------- TFDS datasets
@@ -160,13 +149,25 @@ def _check_imagenet_manual_files(builder, config) -> None:
 
 
 def tfds_builder(config):
-  """The prepared TFDS builder for config.dataset (prepares it if it can be downloaded)."""
+  """The prepared TFDS builder for config.dataset (prepares it if it can be downloaded).
+
+  In a run of several processes only process 0 prepares the dataset (one writer of the files);
+  the others wait for it at a barrier, then open what it wrote.
+  """
   builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
-  if not builder.is_prepared():
-    if builder.name == 'imagenet2012':
-      _check_imagenet_manual_files(builder, config)
-      logging.warning('Preparing imagenet2012 from the tar files: this takes hours, once.')
+  if builder.is_prepared():
+    return builder
+  if builder.name == 'imagenet2012':
+    _check_imagenet_manual_files(builder, config)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    logging.warning('Preparing %s in %s (once; for imagenet2012 from its tar files, hours).',
+                    builder.name, builder.data_dir)
     builder.download_and_prepare()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'alexnet_jax: {builder.name} prepared')
+    builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
   return builder
 
 

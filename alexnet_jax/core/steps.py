@@ -18,9 +18,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import models
-from alexnet_jax import optim
+from alexnet_jax.core import metrics as metrics_lib
+from alexnet_jax.core import models
+from alexnet_jax.core import optim
+from alexnet_jax.core.kernels import Kernels
 
 AXIS = 'devices'
 
@@ -41,6 +42,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
   params = jax.jit(lambda k: models.init_params(model, k, image_size))(init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(base_key))
+
+
+def initial_state(config: Any, kernels: Kernels | None = None
+                  ) -> tuple[models.AlexNet, optax.GradientTransformation, TrainState]:
+  """The model, optimizer and initial state (host NumPy arrays) of a run of `config`: what
+  training starts from, and the shapes a checkpoint is restored into."""
+  model = models.create_model(config, kernels)
+  tx = optim.create_optimizer(config)
+  state = create_train_state(model, tx, config.seed, config.image_size)
+  return model, tx, jax.tree_util.tree_map(np.asarray, state)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
@@ -85,23 +96,13 @@ def probabilities(params: Any, images: jax.Array, *, model: nn.Module) -> jax.Ar
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
               ) -> dict[str, jax.Array]:
-  """Sums of loss and top-1/top-5 errors over the real (mask=True) examples of a batch.
+  """`metrics.error_sums` of a batch, summed over the devices; call under pmap(axis_name=AXIS).
 
   A batch of shape [B, 10, H, W, 3] is the paper's 10-crop test (§4.1): the softmax outputs of
   the ten patches are averaged before the errors are counted.
   """
-  images, labels = batch['image'], batch['label']
-  mask = batch['mask'].astype(jnp.float32)
-  probs = probabilities(params, images, model=model)
-  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
-  sums = {
-      'loss': jnp.sum(nll * mask),
-      'top1_errors': jnp.sum(metrics_lib.topk_errors(probs, labels, 1) * mask),
-      'top5_errors': jnp.sum(metrics_lib.topk_errors(probs, labels,
-                                                     min(5, probs.shape[-1])) * mask),
-      'count': jnp.sum(mask),
-  }
-  return lax.psum(sums, AXIS)
+  probs = probabilities(params, batch['image'], model=model)
+  return lax.psum(metrics_lib.error_sums(probs, batch['label'], batch['mask']), AXIS)
 
 
 def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -114,6 +115,13 @@ def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def pmapped_eval_step(model: nn.Module, devices: list | None = None) -> Callable:
   """eval_step mapped over `devices` (default: all local ones)."""
   return jax.pmap(lambda p, b: eval_step(p, b, model=model), axis_name=AXIS, devices=devices)
+
+
+def pmapped_probabilities(model: nn.Module, devices: list | None = None) -> Callable:
+  """`probabilities` mapped over `devices` (default: all local ones): (params, images) ->
+  [devices, b, classes]."""
+  return jax.pmap(lambda p, x: probabilities(p, x, model=model), axis_name=AXIS,
+                  devices=devices)
 
 
 def replicate(tree: Any, devices: list | None = None) -> Any:

@@ -23,9 +23,7 @@ counts are of files, since reading every header up front would take too long for
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Iterator
 
 from absl import logging
@@ -33,10 +31,11 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import augment
-from alexnet_jax import data_sources
-from alexnet_jax import data_stats
-from alexnet_jax.data_sources import DataError, DatasetInfo  # pylint: disable=unused-import
+from alexnet_jax.data import augment
+from alexnet_jax.data import sources as data_sources
+from alexnet_jax.data import stats as data_stats
+from alexnet_jax.data.sources import DatasetInfo
+from alexnet_jax.errors import DataError
 
 # Tries per training position for sources with unreadable files: the image at the position and
 # then the following ones in the epoch's order. Eight unreadable images in a row of a shuffled
@@ -44,7 +43,6 @@ from alexnet_jax.data_sources import DataError, DatasetInfo  # pylint: disable=u
 # from the next positions, which shifts that epoch's remaining batches).
 FALLBACK_CANDIDATES = 8
 PADDING_LABEL = 0  # label of the padding examples of the last eval batch (mask False).
-CLASSES_FILENAME = 'classes.json'  # in the workdir: class name -> label.
 _FOREVER = 2**62  # epochs
 
 
@@ -76,14 +74,11 @@ def _per_process(batch_size: int, name: str) -> int:
   return batch_size // jax.process_count()
 
 
-def _eval_batches(num_examples: int, config) -> int:
+def num_eval_batches_of(num_examples: int, config) -> int:
+  """Batches per process of one pass over a split of `num_examples` (the same on every
+  process)."""
   per_process = math.ceil(num_examples / jax.process_count())
   return max(1, math.ceil(per_process / _per_process(config.eval_batch_size, 'eval_batch_size')))
-
-
-def num_eval_batches(config, info: DatasetInfo) -> int:
-  """Batches per process of one pass over config.eval_split (the same on every process)."""
-  return _eval_batches(info.num_eval, config)
 
 
 def _options() -> tf.data.Options:
@@ -94,51 +89,11 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _mean(config, workdir: str | None) -> np.ndarray | None:
-  """What §2 subtracts from every square image: the mean image [R, R, 3] or RGB mean [1, 1, 3]."""
-  if config.mean in (None, 'none') or config.dataset == 'synthetic':
-    return None
-  stats = data_stats.get_stats(config, workdir)
-  if config.mean == 'channel':
-    return np.asarray(stats['rgb_mean'], np.float32).reshape(1, 1, 3)
-  if config.mean != 'image':
-    raise ValueError(f"config.mean={config.mean!r}; expected 'image', 'channel' or None.")
-  mean_image = np.asarray(stats['mean_image'], np.float32)
-  size = config.resize_size
-  if mean_image.shape != (size, size, 3):
-    raise DataError(f'The mean image is {mean_image.shape}, config.resize_size is {size}: '
-                    f'recompute it (python -m alexnet_jax.data_stats) or fix config.stats_file.')
-  return mean_image
-
-
-def mean_for(config, workdir: str | None) -> np.ndarray | None:
-  """The mean the pipeline subtracts (see `_mean`), for code that preprocesses images itself."""
-  return _mean(config, workdir)
-
-
 def _pca(config) -> tuple[np.ndarray, np.ndarray]:
   if config.pca_file:
     stats = data_stats.load_stats(config.pca_file)
     return np.asarray(stats['eigval'], np.float32), np.asarray(stats['eigvec'], np.float32)
   return augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
-
-
-def _write_classes(config, workdir: str | None, info: DatasetInfo) -> None:
-  """Saves class name -> label in the workdir; refuses a workdir whose classes differ."""
-  if not workdir:
-    return
-  path = os.path.join(workdir, CLASSES_FILENAME)
-  mapping = {name: label for label, name in enumerate(info.class_names)}
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) != mapping:
-        raise DataError(f'The classes of {config.dataset!r} differ from {path}, which an earlier '
-                        f'run wrote: the labels would change meaning. Use a new workdir.')
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(mapping, f, indent=0)
-    os.replace(path + '.tmp', path)
 
 
 def _check_usable(split: data_sources.IndexedSplit) -> None:
@@ -247,13 +202,10 @@ def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
 def _train_augment(config, mean: np.ndarray | None):
   """(square image, key) -> §4.1's training patch, minus the mean."""
   eigval, eigvec = _pca(config)
-  if config.pca_lighting_scale not in augment.LIGHTING_SCALES:
-    raise ValueError(f'config.pca_lighting_scale={config.pca_lighting_scale!r}; expected one of '
-                     f'{augment.LIGHTING_SCALES}.')
 
   def fn(square, key):
     # §2: the mean is subtracted from the square image, then patches are cut from the result.
-    image = square - mean if mean is not None else square
+    image = augment.subtract_mean(square, mean)
     crop_key, flip_key, lighting_key = tf.unstack(augment.split_key(key, 3))
     if config.random_crop:
       image = augment.random_crop(image, config.image_size, crop_key)
@@ -270,24 +222,23 @@ def _train_augment(config, mean: np.ndarray | None):
 
 
 def train_iterator(config, *, start_step: int = 0,
-                   workdir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                   mean: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of every global training batch from `start_step` on, forever.
 
   Yields {'image': float32 [batch_size // process_count, S, S, 3], 'label': int32 [b]}, with
   S = config.image_size, pixels on 0..255 minus the mean. The batch at global step t depends only
   on (config, t): starting at start_step=t gives what an iterator started at 0 gives after t
-  batches. `workdir` caches the data statistics and records the class names.
+  batches. `mean` is what §2 subtracts (`stats.mean_to_subtract`). Writes no file.
   """
   info = get_dataset_info(config)
   steps = steps_per_epoch(config, info)
   b = _per_process(config.batch_size, 'batch_size')
-  _write_classes(config, workdir, info)
   split = data_sources.open_split(config, config.train_split)
   if isinstance(split, data_sources.SyntheticSplit):
     return _repeat(_synthetic_batch(config, b, jax.process_index()))
   if isinstance(split, data_sources.IndexedSplit):
     _check_usable(split)
-  augment_fn = _train_augment(config, _mean(config, workdir))
+  augment_fn = _train_augment(config, mean)
   seed = tf.constant(config.seed, tf.int64)
 
   def preprocess(el):
@@ -322,29 +273,27 @@ def _log_unreadable_train(ds: tf.data.Dataset, split) -> Iterator[dict[str, np.n
 
 
 def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
-                  workdir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  mean: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over an evaluation split: every example once over all processes.
 
   Yields {'image': float32 [b, S, S, 3] (central patch) or [b, 10, S, S, 3] (§4.1's ten patches
   in `augment.TEN_CROP_ORDER`), 'label': int32 [b], 'mask': bool [b]} with b = eval_batch_size //
   process_count. The last batch is padded (mask False) and every process yields the same number
   of batches. Unreadable images ('folder') are left out and logged, with their paths, at the end.
+  Each image is `augment.eval_patches` of its square (`mean` subtracted, then cropped).
   """
   name = split or config.eval_split
-  info = get_dataset_info(config)
-  _write_classes(config, workdir, info)
+  get_dataset_info(config)  # Checks the classes fit num_classes.
   source = data_sources.open_split(config, name)
   b = _per_process(config.eval_batch_size, 'eval_batch_size')
-  num_batches = _eval_batches(source.num_examples, config)
+  num_batches = num_eval_batches_of(source.num_examples, config)
   size, p, num_processes = config.image_size, jax.process_index(), jax.process_count()
   image_shape = [10, size, size, 3] if ten_crop else [size, size, 3]
   if isinstance(source, data_sources.SyntheticSplit):
     return _synthetic_eval(source, b, image_shape, num_batches)
-  mean = _mean(config, workdir)
 
   def preprocess(square, label, index):
-    image = square - mean if mean is not None else square
-    image = augment.ten_crop(image, size) if ten_crop else augment.center_crop(image, size)
+    image = augment.eval_patches(square, mean, size, ten_crop)
     return {'image': image, 'label': label, 'index': index, 'mask': True}
 
   if isinstance(source, data_sources.IndexedSplit):

@@ -1,16 +1,21 @@
 """The five most probable classes of image files, as a trained network sees them (§6, Figure 4).
 
-  python -m alexnet_jax.predict --workdir=runs/digits image1.png [image2.jpg ...] [--ten_crop]
+  python -m alexnet_jax.paper.predict --workdir=runs/digits image1.png [image2.jpg ...] \
+      [--ten_crop]
 
-Each file gets the evaluation's preprocessing exactly: §2's square (short side resized to
-config.resize_size, central patch), minus the run's mean (workdir/data_stats.npz), then the
-central config.image_size patch, or §4.1's ten patches whose softmax outputs are averaged.
-Class names come from workdir/classes.json, written by the training run.
+Each file gets the evaluation's preprocessing exactly (`augment.eval_patches`): §2's square
+(short side resized to config.resize_size, central patch), minus the run's mean, then the
+central config.image_size patch, or §4.1's ten patches whose softmax outputs are averaged
+(`steps.probabilities`). Class names come from the run's classes.json. The run is opened
+read-only.
 """
 
 from __future__ import annotations
 
-import json
+if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 import os
 from typing import Any, Sequence
 
@@ -21,36 +26,14 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import augment
-from alexnet_jax import data_sources
-from alexnet_jax import input_pipeline
-from alexnet_jax import train
+from alexnet_jax.core import metrics
+from alexnet_jax.core import run as run_lib
+from alexnet_jax.core import steps
+from alexnet_jax.data import augment
+from alexnet_jax.data import sources
+from alexnet_jax.errors import ImageReadError
 
 TOP_K = 5  # §6: the paper reports and shows (Figure 4) the five most probable labels.
-
-
-class ImageReadError(ValueError):
-  """An image file is missing or cannot be decoded; the message names the path."""
-
-
-def class_names(workdir: str) -> list[str]:
-  """Names of the labels 0..C-1 of a run, from workdir/classes.json ({name: label})."""
-  path = os.path.join(os.path.expanduser(workdir), input_pipeline.CLASSES_FILENAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: the run in {workdir} never read its data. '
-                            'Train it with `python main.py --config=... --workdir=...`.')
-  with open(path, encoding='utf-8') as f:
-    mapping = json.load(f)
-  names = [''] * len(mapping)
-  for name, label in mapping.items():
-    names[int(label)] = name
-  return names
-
-
-def mean_to_subtract(config, workdir: str | None) -> np.ndarray | None:
-  """What the run subtracts from every square image (§2): its mean image or RGB mean, or None."""
-  # The input pipeline's own function, so files and evaluation batches cannot drift apart.
-  return input_pipeline.mean_for(config, workdir)
 
 
 def read_square(path: str, config) -> np.ndarray:
@@ -60,8 +43,7 @@ def read_square(path: str, config) -> np.ndarray:
     raise ImageReadError(f'{path}: no such file. Pass the path of a JPEG, PNG, GIF or BMP image.')
   try:
     encoded = tf.io.read_file(path)
-    square = data_sources.decode_center_square(encoded, config.resize_size,
-                                               config.get('resize_antialias', True))
+    square = sources.decode_center_square(encoded, config.resize_size, config.resize_antialias)
     return square.numpy()
   except (tf.errors.OpError, ValueError) as e:
     raise ImageReadError(f'{path} cannot be decoded as an image ({type(e).__name__}); pass a '
@@ -71,28 +53,20 @@ def read_square(path: str, config) -> np.ndarray:
 def network_input(square: np.ndarray, mean: np.ndarray | None, image_size: int,
                   ten_crop: bool) -> np.ndarray:
   """The evaluation's patches of a square image: [S, S, 3] (centre) or [10, S, S, 3] (§4.1)."""
-  image = tf.constant(square, tf.float32)
-  if mean is not None:
-    image = image - mean
-  if ten_crop:
-    return augment.ten_crop(image, image_size).numpy()
-  return augment.center_crop(image, image_size).numpy()
+  return augment.eval_patches(tf.constant(square, tf.float32), mean, image_size,
+                              ten_crop).numpy()
 
 
 def class_probabilities(model, params: Any, images: np.ndarray) -> np.ndarray:
-  """Softmax outputs [N, C] of images [N, S, S, 3], or [N, 10, S, S, 3] averaged over crops."""
-  images = np.asarray(images, np.float32)
-  crops = images.shape[1] if images.ndim == 5 else 1
-  flat = images.reshape((-1,) + images.shape[-3:])
-  probs = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))(params, flat)
-  return np.asarray(probs, np.float64).reshape(images.shape[0], crops, -1).mean(axis=1)
+  """`steps.probabilities` of images [N, S, S, 3], or [N, 10, S, S, 3] averaged over crops."""
+  return np.asarray(jax.jit(lambda p, x: steps.probabilities(p, x, model=model))(
+      params, np.asarray(images, np.float32)))
 
 
 def top_k(probs: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
   """(labels [N, k], probabilities [N, k]) of the k most probable classes, most probable first."""
-  k = min(k, probs.shape[-1])
-  order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
-  return order, np.take_along_axis(probs, order, axis=-1)
+  labels, values = metrics.top_k(probs, k)
+  return np.asarray(labels), np.asarray(values)
 
 
 def predict_files(workdir: str, paths: Sequence[str], *, ten_crop: bool = False,
@@ -102,15 +76,16 @@ def predict_files(workdir: str, paths: Sequence[str], *, ten_crop: bool = False,
   Returns one {'path', 'labels', 'classes', 'probabilities'} per path, most probable first.
   Raises ImageReadError naming the first unreadable file before any network work.
   """
-  config = train.load_config(workdir)
-  names = class_names(workdir)
+  run = run_lib.open_run(workdir)
+  config = run.config
+  names = run.class_names()
   squares = [read_square(p, config) for p in paths]  # fail on a bad file before loading weights
-  model, params, step = train.load_trained(config, workdir, which=which)
-  logging.info('Checkpoint of step %d from %s; %s', step, workdir,
+  restored = run.restore(which=which)
+  mean = run.mean()
+  logging.info('Checkpoint of step %d from %s; %s', restored.step, run.workdir,
                'ten crops averaged' if ten_crop else 'centre crop')
-  mean = mean_to_subtract(config, workdir)
   images = np.stack([network_input(s, mean, config.image_size, ten_crop) for s in squares])
-  labels, probs = top_k(class_probabilities(model, params, images))
+  labels, probs = top_k(class_probabilities(restored.model, restored.params, images))
   return [{'path': p, 'labels': [int(x) for x in lab], 'classes': [names[x] for x in lab],
            'probabilities': [float(x) for x in pr]} for p, lab, pr in zip(paths, labels, probs)]
 
@@ -139,17 +114,13 @@ def main(argv: Sequence[str]) -> None:
   """Prints the top-5 classes of every image named on the command line."""
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('Name at least one image: python -m alexnet_jax.predict '
+    raise app.UsageError('Name at least one image: python -m alexnet_jax.paper.predict '
                          '--workdir=DIR IMAGE [IMAGE ...]')
-  train.console_logging()
   f = flags.FLAGS
-  try:
-    predictions = predict_files(f.workdir, paths, ten_crop=f.ten_crop, which=f.checkpoint)
-  except (ImageReadError, FileNotFoundError) as e:
-    raise SystemExit(f'Error: {e}') from None
-  print(format_predictions(predictions))
+  print(format_predictions(predict_files(f.workdir, paths, ten_crop=f.ten_crop,
+                                         which=f.checkpoint)))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)

@@ -19,14 +19,11 @@ PIXEL_MAX = 255.0
 # gives no numbers; these are the widely quoted published ImageNet values (fb.resnet.torch's
 # ImageNet PCA, listed in ../shared/PAPER.md under §4.1). Eigenvalues in decreasing order; the
 # eigenvectors are the COLUMNS, rows are R, G, B. `config.pca_file` (an .npz with 'eigval' and
-# 'eigvec', e.g. written by `python -m alexnet_jax.data_stats`) replaces them.
+# 'eigvec', e.g. written by `python -m alexnet_jax.data.stats`) replaces them.
 IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                                 [-0.5808, -0.0045, -0.8140],
                                 [-0.5836, -0.6948, 0.4203]], np.float32)
-
-# How `pca_lighting` turns the eigenvalues into a per-image RGB offset (config.pca_lighting_scale).
-LIGHTING_SCALES = ('paper', 'cuda_convnet')
 
 # Order of the ten test crops (§4.1): the five patches, then the same five mirrored.
 TEN_CROP_ORDER = ('top_left', 'top_right', 'bottom_left', 'bottom_right', 'centre',
@@ -98,7 +95,7 @@ def lighting_offset(key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor, std: f
   elif scale == 'cuda_convnet':
     weights = alpha * tf.sqrt(eigval * PIXEL_MAX**2)
   else:
-    raise ValueError(f'pca_lighting_scale={scale!r}; expected one of {LIGHTING_SCALES}.')
+    raise ValueError(f"pca_lighting_scale={scale!r}; expected 'paper' or 'cuda_convnet'.")
   return tf.linalg.matvec(eigvec, weights)
 
 
@@ -108,7 +105,24 @@ def pca_lighting(image: tf.Tensor, key: tf.Tensor, eigval: tf.Tensor, eigvec: tf
   return image + lighting_offset(key, eigval, eigvec, std, scale)
 
 
-def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+def subtract_mean(square: tf.Tensor, mean: np.ndarray | None) -> tf.Tensor:
+  """§2: the training set's mean (image [R, R, 3] or RGB [1, 1, 3]) subtracted from a square
+  image, before any patch is cut from it; None: nothing subtracted."""
+  return square if mean is None else square - mean
+
+
+def eval_patches(square: tf.Tensor, mean: np.ndarray | None, size: int,
+                 ten_crop: bool) -> tf.Tensor:
+  """What the network sees of a square image at test time: the mean subtracted, then the
+  central patch [size, size, 3] or §4.1's ten patches [10, size, size, 3].
+
+  The one preprocessing of every evaluation (the eval pipeline, predict, the figures).
+  """
+  image = subtract_mean(square, mean)
+  return ten_patches(image, size) if ten_crop else center_crop(image, size)
+
+
+def ten_patches(image: tf.Tensor, size: int) -> tf.Tensor:
   """§4.1's ten test patches [10, size, size, 3], in the order of `TEN_CROP_ORDER`.
 
   The four corner patches and the central patch, then each of those five mirrored

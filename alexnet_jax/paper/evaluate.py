@@ -1,6 +1,6 @@
 """§6's evaluation of trained networks: top-1/top-5 error, centre crop and 10 crops, and ensembles.
 
-  python -m alexnet_jax.evaluate --workdirs=runs/a,runs/b,runs/c [--split=validation] \
+  python -m alexnet_jax.paper.evaluate --workdirs=runs/a,runs/b,runs/c [--split=validation] \
       [--checkpoint=best] [--output=results.json]
 
 For each workdir and for the average of their softmax outputs (the paper's "five CNNs" of §6,
@@ -8,96 +8,50 @@ whose averaged predictions gave 38.1% against one CNN's 40.7% top-1 on ILSVRC-20
 reports the errors with the central patch and with §4.1's 10-crop test. Every example of the
 split counts once: the padded examples of the last batch are masked out. Each workdir is
 preprocessed with its own config (image size, mean), so differently shaped runs can be combined
-as long as they were trained on the same classes.
+as long as they were trained on the same classes. In a run of several processes each evaluates
+its share and the counts are summed over all of them. The runs are opened read-only.
 """
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 import json
-import math
 import os
-import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
-from alexnet_jax import data_sources
-from alexnet_jax import input_pipeline
-from alexnet_jax import steps
-from alexnet_jax import train
+from alexnet_jax.core import evaluation
+from alexnet_jax.core import run as run_lib
+from alexnet_jax.errors import UserError
 
 CROP_SETTINGS = {'center_crop': False, 'ten_crop': True}  # name -> eval_iterator's ten_crop
 ENSEMBLE = 'ensemble'
 
 
-def predict_split(model, params: Any, config, *, ten_crop: bool, workdir: str | None,
-                  split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Softmax outputs [N, classes] and labels [N] of every example of `split`, in split order.
-
-  N is the number of (readable) examples: the padding of the last batch is dropped by its mask.
-  `params` are host (unreplicated) parameters; the batches are spread over the local devices.
-  """
-  p_probs = jax.pmap(lambda p, x: steps.probabilities(p, x, model=model))
-  rparams = steps.replicate(params)
-  name = split or config.eval_split
-  # For the progress log only (one process's share is about this many batches).
-  total = math.ceil(data_sources.open_split(config, name).num_examples / config.eval_batch_size)
-  probs, labels = [], []
-  start = time.time()
-  it = input_pipeline.eval_iterator(config, split=name, ten_crop=ten_crop, workdir=workdir)
-  try:
-    for i, batch in enumerate(it):
-      out = np.asarray(p_probs(rparams, steps.shard({'image': batch['image']})['image']))
-      out = out.reshape((-1, out.shape[-1]))
-      probs.append(out[batch['mask']])
-      labels.append(batch['label'][batch['mask']])
-      if (i + 1) % max(1, total // 10) == 0 or i + 1 == total:
-        logging.info('  %s: batch %d/%d (%.1f s)', 'ten crops' if ten_crop else 'centre crop',
-                     i + 1, total, time.time() - start)
-  finally:
-    it.close()
-  return np.concatenate(probs).astype(np.float64), np.concatenate(labels).astype(np.int64)
-
-
-def topk_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """Fraction of examples whose label is not among the k most probable classes (§6).
-
-  The rank of the true class is the number of classes strictly more probable, so ties count in
-  its favour, as `metrics.topk_errors` does during training.
-  """
-  true = np.take_along_axis(probs, labels[:, None], axis=-1)
-  rank = np.sum(probs > true, axis=-1)
-  return float(np.mean(rank >= k))
-
-
 def errors(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """{'top1_error', 'top5_error', 'num_examples'} of softmax outputs against labels."""
-  return {'top1_error': topk_error(probs, labels, 1),
-          'top5_error': topk_error(probs, labels, min(5, probs.shape[-1])),
-          'num_examples': int(len(labels))}
+  """{'top1_error', 'top5_error', 'num_examples'} of class probabilities against labels, over
+  every process's share (`evaluation.errors_of`: the counting of every evaluation)."""
+  rates = evaluation.errors_of(probs, labels)
+  return {'top1_error': rates['eval/top1_error'], 'top5_error': rates['eval/top5_error'],
+          'num_examples': int(rates['eval/num_examples'])}
 
 
 def _check_same_examples(workdirs: Sequence[str], labels: Sequence[np.ndarray],
                          classes: Sequence[Any]) -> None:
   for wd, lab, cls in zip(workdirs[1:], labels[1:], classes[1:]):
     if cls != classes[0]:
-      raise ValueError(f'{wd} was trained on other classes than {workdirs[0]} '
+      raise UserError(f'{wd} was trained on other classes than {workdirs[0]} '
                        '(their classes.json differ): their outputs cannot be averaged.')
     if lab.shape != labels[0].shape or not np.array_equal(lab, labels[0]):
-      raise ValueError(f'{wd} and {workdirs[0]} evaluate different examples ({len(lab)} and '
+      raise UserError(f'{wd} and {workdirs[0]} evaluate different examples ({len(lab)} and '
                        f'{len(labels[0])}, or another order): check their dataset and split.')
-
-
-def _classes(workdir: str) -> Any:
-  path = os.path.join(workdir, input_pipeline.CLASSES_FILENAME)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
 
 
 def evaluate_workdirs(workdirs: Sequence[str], *, split: str | None = None,
@@ -110,10 +64,10 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str | None = None,
   probabilities of all workdirs (§6); with one workdir it equals that workdir's own result.
   """
   if not workdirs:
-    raise ValueError('No workdirs given: pass --workdirs=DIR1,DIR2,...')
+    raise UserError('No workdirs given: pass --workdirs=DIR1,DIR2,...')
   for crop in crops:
     if crop not in CROP_SETTINGS:
-      raise ValueError(f'Unknown crop setting {crop!r}; choose from {tuple(CROP_SETTINGS)}')
+      raise UserError(f'Unknown crop setting {crop!r}; choose from {tuple(CROP_SETTINGS)}')
   unique = list(dict.fromkeys(os.path.abspath(os.path.expanduser(w)) for w in workdirs))
   if len(unique) < len(workdirs):
     logging.warning('Workdirs named more than once are evaluated once: %s', ', '.join(unique))
@@ -122,21 +76,23 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str | None = None,
   results[ENSEMBLE] = {}
   checkpoint_steps, split_name = {}, None
   probs_by_crop: dict[str, list[np.ndarray]] = {c: [] for c in crops}
+  runs = [run_lib.open_run(wd) for wd in workdirs]  # Every workdir checked before any work.
   labels = []
-  for n, wd in enumerate(workdirs):
-    config = train.load_config(wd)
-    model, params, step = train.load_trained(config, wd, which=which)
-    checkpoint_steps[wd] = step
-    split_name = split or config.eval_split
+  for n, (wd, run) in enumerate(zip(workdirs, runs)):
+    restored = run.restore(which=which)
+    mean = run.mean()
+    checkpoint_steps[wd] = restored.step
+    split_name = split or run.config.eval_split
     for crop in crops:
-      logging.info('[%d/%d] %s (step %d), %s, %s', n + 1, len(workdirs), wd, step, split_name,
-                   crop)
-      probs, lab = predict_split(model, params, config, ten_crop=CROP_SETTINGS[crop],
-                                 workdir=wd, split=split_name)
+      logging.info('[%d/%d] %s (step %d), %s, %s', n + 1, len(workdirs), wd, restored.step,
+                   split_name, crop)
+      probs, lab = evaluation.split_probabilities(
+          restored.model, restored.params, run.config, ten_crop=CROP_SETTINGS[crop], mean=mean,
+          split=split_name)
       probs_by_crop[crop].append(probs)
       results[wd][crop] = errors(probs, lab)
     labels.append(lab)
-  _check_same_examples(workdirs, labels, [_classes(w) for w in workdirs])
+  _check_same_examples(workdirs, labels, [r.class_names() for r in runs])
   for crop in crops:
     results[ENSEMBLE][crop] = errors(np.mean(probs_by_crop[crop], axis=0), labels[0])
   return {'split': split_name, 'checkpoint': which, 'results': results,
@@ -179,7 +135,6 @@ def main(argv: Sequence[str]) -> None:
   """Evaluates --workdirs, prints the table and writes --output."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train.console_logging()
   f = flags.FLAGS
   report = evaluate_workdirs(f.workdirs or [], split=f.split, which=f.checkpoint, crops=f.crops)
   print(format_table(report))
@@ -190,5 +145,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)

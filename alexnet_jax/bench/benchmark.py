@@ -1,18 +1,20 @@
 """Speed of the paper's network: training step, evaluation, input pipeline, whole loop, devices.
 
-  python -m alexnet_jax.benchmark                                  # train step, batch 128, fp32
-  python -m alexnet_jax.benchmark --what=train,eval,pipeline,loop --json
-  python -m alexnet_jax.benchmark --what=layers                     # each layer, both ways
-  python -m alexnet_jax.benchmark --config.dtype=bfloat16
-  python -m alexnet_jax.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
-  python -m alexnet_jax.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch ratio
+  python -m alexnet_jax.bench.benchmark                                  # train step, batch 128, fp32
+  python -m alexnet_jax.bench.benchmark --what=train,eval,pipeline,loop --json
+  python -m alexnet_jax.bench.benchmark --what=layers                     # each layer, both ways
+  python -m alexnet_jax.bench.benchmark --config.dtype=bfloat16
+  python -m alexnet_jax.bench.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
+  python -m alexnet_jax.bench.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch ratio
 
 Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
 reports the median of --steps timed repetitions. The training step is the one training uses
 (`steps.pmapped_train_step`: forward, backward, pmean, SGD with momentum and weight decay) on
 synthetic data made on the device, so neither decoding nor host-to-device copies are timed;
-'loop' adds them back (the input pipeline on real JPEGs feeding the step). Benchmarks are
-commands, not tests: record results in BENCHMARKS.md with the machine and the date.
+'loop' adds them back (the input pipeline on real JPEGs feeding the step). The kernels are
+resolved once (`core.kernels`), as training does, printed, and recorded in each train record.
+Benchmarks are commands, not tests: record results in BENCHMARKS.md with the machine and the
+date.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from alexnet_jax import cli
+from alexnet_jax.errors import UserError
+
 FLAGS = flags.FLAGS
 MEASUREMENTS = ('train', 'eval', 'pipeline', 'loop', 'layers')
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             'configs', 'alexnet.py'), 'Config whose network is measured.')
+  config_flags.DEFINE_config_file('config', cli.checkout_config('alexnet.py'),
+                                  'Config whose network is measured (configs/alexnet.py).')
   flags.DEFINE_list('what', ['train'], f'Measurements, any of {MEASUREMENTS}.')
   flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s, 128).')
   flags.DEFINE_integer('steps', 5, 'Timed repetitions (the median is reported).')
@@ -55,7 +59,7 @@ def _define_flags() -> None:
                     'allocator settings, and/or "kept": the settings of --keep_freed_memory, '
                     'given by environment variables (the like-for-like comparison).')
   flags.DEFINE_bool('keep_freed_memory', True, 'glibc keeps and reuses freed memory in this '
-                    'process (alexnet_jax.host; what main.py does). --nokeep_freed_memory '
+                    'process (alexnet_jax.cpu; what main.py does). --nokeep_freed_memory '
                     'measures glibc\'s defaults.')
   flags.DEFINE_bool('json', False, 'Also print one JSON line per measurement.')
 
@@ -63,8 +67,9 @@ def _define_flags() -> None:
 def forward_flops(config: Any) -> float:
   """Multiply-add FLOPs (2 per MAC) of one forward pass of one image, from the layer shapes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config)
+  from alexnet_jax.core import models  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core.kernels import Kernels  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config, Kernels())  # Shapes only: the kernels do not matter.
   shapes = models.intermediate_shapes(model, config.image_size)
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0),
                                                      config.image_size))
@@ -96,17 +101,15 @@ def _time(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]
   return first, times[len(times) // 2]
 
 
-def _setup(config: Any, num_devices: int):
-  """Model, optimizer, replicated state and pmapped steps on the first `num_devices` devices."""
+def _setup(config: Any, num_devices: int, kernels):
+  """Model, optimizer and replicated state on the first `num_devices` devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models, optim, steps  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()[:num_devices]
   if len(devices) < num_devices:
-    raise ValueError(f'--devices={num_devices} but only {len(devices)} are available '
-                     '(on a CPU, add --cpu_devices=N)')
-  model = models.create_model(config)
-  tx = optim.create_optimizer(config)
-  state = steps.create_train_state(model, tx, config.seed, config.image_size)
+    raise UserError(f'--devices={num_devices} but only {len(devices)} are available '
+                    '(on a CPU, add --cpu_devices=N)')
+  model, tx, state = steps.initial_state(config, kernels)
   return model, tx, steps.replicate(state, devices), devices
 
 
@@ -120,13 +123,16 @@ def _device_images(shape: tuple, devices: list, seed: int = 0):
   return make(jax.random.key(seed))
 
 
-def measure_train(config: Any, num_devices: int, steps_: int, warmup: int) -> dict[str, Any]:
-  """The training step on device-resident synthetic data."""
+def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
+                  kernels=None) -> dict[str, Any]:
+  """The training step on device-resident synthetic data, with `kernels` (default: resolved
+  for this machine, as training does)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import ops  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import steps  # pylint: disable=g-import-not-at-top
-  model, tx, rstate, devices = _setup(config, num_devices)
+  from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  kernels = kernels or kernels_lib.resolve(config)
+  model, tx, rstate, devices = _setup(config, num_devices, kernels)
   b = config.batch_size
   images = _device_images((num_devices, b // num_devices, config.image_size, config.image_size,
                            3), devices)
@@ -144,17 +150,16 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int) -> di
   return {'measurement': 'train', 'train_images_per_sec': b / median, 'step_ms': median * 1e3,
           'compile_s': max(first - median, 0.0), 'devices': num_devices, 'batch_size': b,
           'dtype': config.dtype, 'model': config.model, 'image_size': config.image_size,
-          'achieved_gflops': flops / median / 1e9,
-          'conv_backend': ops.resolve_conv_backend(config.get('conv_backend', 'auto'),
-                                                   config.dtype)}
+          'achieved_gflops': flops / median / 1e9, **kernels.as_dict()}
 
 
 def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
                  ten_crop: bool) -> dict[str, Any]:
   """The evaluation step (centre crop or the 10-crop test) on synthetic data."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import steps  # pylint: disable=g-import-not-at-top
-  model, _, rstate, devices = _setup(config, num_devices)
+  from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  model, _, rstate, devices = _setup(config, num_devices, kernels_lib.resolve(config))
   b = config.eval_batch_size
   crops = (10,) if ten_crop else ()
   images = _device_images((num_devices, b // num_devices) + crops +
@@ -170,7 +175,7 @@ def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
 
 
 def _jpeg_folder(directory: str | None, num: int) -> str:
-  from alexnet_jax import pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.bench import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
   directory = directory or os.path.join(tempfile.gettempdir(), 'alexnet_jax_bench_jpegs')
   if pipeline_benchmark._count_images(directory) < num:  # pylint: disable=protected-access
     print(f'Writing {num} ImageNet-sized JPEGs to {directory} ...', flush=True)
@@ -180,9 +185,8 @@ def _jpeg_folder(directory: str | None, num: int) -> str:
 
 def measure_pipeline(config: Any, directory: str, batches: int) -> dict[str, Any]:
   """The paper's training preprocessing on real JPEGs (see pipeline_benchmark)."""
-  from alexnet_jax import pipeline_benchmark  # pylint: disable=g-import-not-at-top
-  r = pipeline_benchmark.benchmark(directory, batches, warmup=3, batch_size=config.batch_size,
-                                   antialias=config.get('resize_antialias', True))
+  from alexnet_jax.bench import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  r = pipeline_benchmark.benchmark(config, directory, batches, warmup=3)
   return {'measurement': 'pipeline', 'pipeline_images_per_sec': r['images_per_sec'],
           'batch_size': r['batch_size'], 'num_files': r['num_files']}
 
@@ -191,15 +195,19 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
                  warmup: int) -> dict[str, Any]:
   """The input pipeline on real JPEGs feeding the training step, as in training."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import input_pipeline, steps  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.dataset, config.data_dir, config.eval_split = 'folder', directory, 'train'
   config.stats_num_images = 256
-  model, tx, rstate, devices = _setup(config, num_devices)
+  model, tx, rstate, devices = _setup(config, num_devices, kernels_lib.resolve(config))
   p_train = steps.pmapped_train_step(model, tx, devices)
   lr = np.float32(config.learning_rate)
   with tempfile.TemporaryDirectory() as workdir:
-    it = input_pipeline.train_iterator(config, workdir=workdir)
+    mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
+    it = input_pipeline.train_iterator(config, mean=mean)
     holder = {'state': rstate}
 
     def step():
@@ -225,8 +233,8 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import ops  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import cpu  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import ops  # pylint: disable=g-import-not-at-top
   key = jax.random.key(0)
   image = jax.random.normal(key, (batch, 224, 224, 3)) * 60.0
   act1 = jax.nn.relu(jax.random.normal(key, (batch, 55, 55, 96)) * 50.0)
@@ -253,7 +261,7 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
       ('conv2', 'grouped', lambda x, w: ops.conv(x, w, 1, pad2, 2), (pool1, w2)),
       ('conv3', 'xla', lambda x, w: ops.conv(x, w, 1, pad3), (pool2, w3)),
   ]
-  if onednn.available():
+  if jax.default_backend() == 'cpu' and cpu.onednn_available():
     cases += [
         ('conv1', 'onednn', lambda w: ops.conv(image, w, 4, pad1, backend='onednn'), (w1,)),
         ('conv2', 'split_onednn', lambda x, w: split2(x, w, 'onednn'), (pool1, w2)),
@@ -279,11 +287,11 @@ def run_peer(peer: str, batch: int, steps_: int,
   """Runs the PyTorch peer script (fp32 NCHW, then bf16 channels-last) under each allocator
   setting in `malloc` ('default', or 'kept' = ours, by environment variables); [] without torch.
   """
-  from alexnet_jax import host  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import cpu  # pylint: disable=g-import-not-at-top
   results = []
-  host.release_freed_memory()  # Our kept heap must not crowd the peer's memory.
+  cpu.release_freed_memory()  # Our kept heap must not crowd the peer's memory.
   for setting in malloc:
-    env = dict(os.environ, **(host.malloc_env() if setting == 'kept' else {}))
+    env = dict(os.environ, **(cpu.malloc_env() if setting == 'kept' else {}))
     for extra in ([], ['--channels-last', '--bf16']):
       cmd = [sys.executable, peer, '--batch', str(batch), '--steps', str(steps_), '--json',
              *extra]
@@ -305,34 +313,45 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 
 def main(argv) -> None:
-  del argv
-  from alexnet_jax import host  # pylint: disable=g-import-not-at-top
-  kept = FLAGS.keep_freed_memory and host.keep_freed_memory()  # Before JAX starts its threads.
-  if FLAGS.cpu_devices:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from alexnet_jax import cpu  # pylint: disable=g-import-not-at-top
+  kept = FLAGS.keep_freed_memory and cpu.keep_freed_memory()  # Before JAX starts its threads.
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  if FLAGS.cpu_devices:
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  if config is None:
+    raise UserError('No configs/alexnet.py next to this installation: pass --config=FILE.')
   if FLAGS.batch_size:
     config.batch_size = config.eval_batch_size = FLAGS.batch_size
   unknown = set(FLAGS.what) - set(MEASUREMENTS)
   if unknown:
-    raise app.UsageError(f'--what: unknown {sorted(unknown)}; choose from {MEASUREMENTS}')
+    raise UserError(f'--what: unknown {sorted(unknown)}; choose from {MEASUREMENTS}')
   unknown = set(FLAGS.peer_malloc) - {'default', 'kept'}
   if unknown:
-    raise app.UsageError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
+    raise UserError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
+  if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.devices < 1:
+    raise UserError(f'--steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0 and '
+                    f'--devices={FLAGS.devices} >= 1')
+  if FLAGS.peer and not os.path.isfile(FLAGS.peer):
+    raise UserError(f'--peer={FLAGS.peer}: no such file; pass the path of '
+                    'peer_torch_alexnet.py')
   if config.batch_size % FLAGS.devices:
-    raise app.UsageError(f'--batch_size={config.batch_size} does not divide over '
-                         f'--devices={FLAGS.devices}')
-  models.create_model(config)  # Bad model fields fail here, before any work.
+    raise UserError(f'--batch_size={config.batch_size} does not divide over '
+                    f'--devices={FLAGS.devices}')
+  config_lib.validate(config, num_devices=FLAGS.devices)  # Before any work.
+  kernels = kernels_lib.resolve(config)
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {jax.device_count()} '
         f'devices, {os.cpu_count()} CPUs; model={config.model} dtype={config.dtype} '
         f'batch={config.batch_size} malloc={"kept" if kept else "default"}', flush=True)
+  print(f'kernels: {kernels.describe()}', flush=True)
   results = []
   if 'train' in FLAGS.what:
-    results.append(dict(measure_train(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup),
-                        malloc='kept' if kept else 'default'))
+    results.append(dict(measure_train(config, FLAGS.devices, FLAGS.steps, FLAGS.warmup,
+                                      kernels), malloc='kept' if kept else 'default'))
     _print(results[-1], FLAGS.json)
     if FLAGS.peer:
       for peer in run_peer(FLAGS.peer, config.batch_size, FLAGS.steps,
@@ -375,5 +394,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

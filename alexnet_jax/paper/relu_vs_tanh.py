@@ -1,6 +1,7 @@
 """Figure 1 (§3.1): how much faster a four-layer convnet trains with ReLUs than with tanh units.
 
-  python -m alexnet_jax.relu_vs_tanh --output=fig1.png [--epochs=4] [--learning_rates=...]
+  python -m alexnet_jax.paper.relu_vs_tanh --output=fig1.png [--epochs=4] \
+      [--learning_rates=...] [--config=configs/digits.py]
 
 The paper trained a four-layer convolutional network on CIFAR-10 and found that with ReLUs it
 reached 25% training error six times faster than the same network with tanh units, the learning
@@ -19,6 +20,10 @@ on a 2-core CPU; the README's figure (2 epochs, 3 rates, 11 measurements per epo
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 import json
 import time
 from typing import Any, Sequence
@@ -29,17 +34,16 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
-matplotlib.use('Agg')  # Files only: no display is needed (or available on servers).
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import numpy as np
 import optax
 
-from alexnet_jax import augment
-from alexnet_jax import input_pipeline
-from alexnet_jax import metrics
-from alexnet_jax import ops
-from configs import digits
+from alexnet_jax.core import metrics
+from alexnet_jax.core import ops
+from alexnet_jax.data import augment
+from alexnet_jax.data import pipeline as input_pipeline
+from alexnet_jax.data import stats as data_stats
+from alexnet_jax.errors import UserError
 
 TARGET_ERROR = 0.25  # §3.1 / Figure 1: epochs to reach 25% training error.
 ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
@@ -63,16 +67,17 @@ class FourLayerNet(nn.Module):
     return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
 
-def data_config(batch_size: int = 64, seed: int = 0):
-  """configs/digits.py's data, un-augmented: central 28x28 patches, as evaluation sees them."""
-  c = digits.get_config()
+def data_config(base, batch_size: int = 64, seed: int = 0):
+  """The data of `base` (configs/digits.py), un-augmented: central patches, as evaluation sees
+  them."""
+  c = base.copy_and_resolve_references()
   c.random_crop = False
   c.batch_size = batch_size
   c.seed = seed
   return c
 
 
-def train_curve(activation: str, learning_rate: float, epochs: float, *, config,
+def train_curve(activation: str, learning_rate: float, epochs: float, *, config, mean,
                 train_set: list[dict[str, np.ndarray]], evals_per_epoch: int = 4,
                 seed: int = 0) -> dict[str, Any]:
   """Trains one net; returns {'epochs': [...], 'train_error': [...], 'epochs_to_target'}.
@@ -109,7 +114,7 @@ def train_curve(activation: str, learning_rate: float, epochs: float, *, config,
     return err if np.isfinite(err) else 1.0
 
   curve_epochs, curve = [0.0], [train_error(params)]
-  it = input_pipeline.train_iterator(config)
+  it = input_pipeline.train_iterator(config, mean=mean)
   try:
     for t in range(1, total + 1):
       batch = next(it)
@@ -130,15 +135,18 @@ def _speed_key(run: dict[str, Any]) -> tuple[float, float]:
   return (reached if reached is not None else float('inf'), run['train_error'][-1])
 
 
-def compare(epochs: float = 4, learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, *,
+def compare(base, epochs: float = 4,
+            learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, *,
             evals_per_epoch: int = 4, seed: int = 0) -> dict[str, Any]:
-  """Sweeps the learning rates for ReLU and tanh; returns the fastest run of each and all runs."""
-  config = data_config(seed=seed)
-  train_set = list(input_pipeline.eval_iterator(config, split=config.train_split))
+  """Sweeps the learning rates for ReLU and tanh on `base`'s data (configs/digits.py); returns
+  the fastest run of each and all runs."""
+  config = data_config(base, seed=seed)
+  mean = data_stats.mean_to_subtract(config, data_stats.compute_stats(config, 0))
+  train_set = list(input_pipeline.eval_iterator(config, split=config.train_split, mean=mean))
   runs, start = [], time.time()
   for activation in ACTIVATIONS:
     for lr in learning_rates:
-      run = train_curve(activation, lr, epochs, config=config, train_set=train_set,
+      run = train_curve(activation, lr, epochs, config=config, mean=mean, train_set=train_set,
                         evals_per_epoch=evals_per_epoch, seed=seed)
       runs.append(run)
       logging.info('%s lr %g: %s; final training error %.2f%% (%.0f s so far)', activation, lr,
@@ -163,7 +171,8 @@ def _speed_text(speedup: float | None) -> str:
 
 def plot(result: dict[str, Any], output: str) -> None:
   """Figure 1: training error against epochs, ReLU solid, tanh dashed, the 25% line dotted."""
-  fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+  fig = Figure(figsize=(5.5, 4), dpi=100)
+  ax = fig.subplots()
   for activation, style in (('relu', '-'), ('tanh', '--')):
     run = result['best'][activation]
     label = (f'{"ReLU" if activation == "relu" else "tanh"} (lr {run["learning_rate"]:g}): '
@@ -179,11 +188,14 @@ def plot(result: dict[str, Any], output: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(output)
-  plt.close(fig)
 
 
 def _define_flags() -> None:
   # Only when run as a command: importing the library must not claim global flag names.
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', cli.checkout_config('digits.py'),
+                                  'Whose data to train on (configs/digits.py).')
   flags.DEFINE_string('output', 'fig1.png', 'PNG file for the figure.')
   flags.DEFINE_string('json', None, 'Optional JSON file for all curves.')
   flags.DEFINE_float('epochs', 4, 'Training epochs per run.')
@@ -197,10 +209,18 @@ def main(argv: Sequence[str]) -> None:
   """Runs the sweep, writes the figure, prints epochs to 25% for each activation."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
-  result = compare(f.epochs, [float(x) for x in f.learning_rates],
-                   evals_per_epoch=f.evals_per_epoch, seed=f.seed)
+  if f.config is None:
+    raise UserError('No configs/digits.py next to this installation: pass --config=FILE.')
+  try:
+    rates = [float(x) for x in f.learning_rates]
+  except ValueError:
+    raise UserError(f'--learning_rates={",".join(f.learning_rates)}: give numbers, e.g. '
+                    '0.01,0.1') from None
+  if f.epochs <= 0 or f.evals_per_epoch < 1 or not rates or min(rates) <= 0:
+    raise UserError(f'--epochs={f.epochs}, --evals_per_epoch={f.evals_per_epoch} and '
+                    f'--learning_rates={f.learning_rates} must all be positive.')
+  result = compare(f.config, f.epochs, rates, evals_per_epoch=f.evals_per_epoch, seed=f.seed)
   plot(result, f.output)
   for activation, run in result['best'].items():
     print(f'{activation}: lr {run["learning_rate"]:g}, {_reached_text(run["epochs_to_target"])}'
@@ -215,5 +235,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)
