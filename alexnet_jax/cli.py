@@ -112,3 +112,13 @@ def load_config_module(path: str) -> Any:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def write_json(path: str, data: Any, indent: int = 2) -> None:
+  """Writes a command's JSON result to `path` (whole or not at all), creating its folder."""
+  import json  # pylint: disable=g-import-not-at-top
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(data, f, indent=indent)
+  os.replace(path + '.tmp', path)

@@ -98,9 +98,9 @@ def test_folder_without_usable_images_is_an_error_naming_it(tmp_path):
   (tmp_path / 'val/a/broken.png').write_bytes(b'garbage')
   config = _folder_config(tmp_path, batch_size=1)
   with pytest.raises(data_sources.DataError, match='no usable images'):
-    next(input_pipeline.train_iterator(config))
+    next(input_pipeline.train_iterator(config, mean=None))
   with pytest.raises(data_sources.DataError, match=str(tmp_path / 'val')):
-    next(input_pipeline.eval_iterator(config))
+    next(input_pipeline.eval_iterator(config, mean=None))
 
 
 def test_missing_folder_is_an_error_naming_the_path(tmp_path):
@@ -138,8 +138,8 @@ def test_tfds_imagenet_jpegs_through_the_mock(tmp_path, cache):
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
     info = input_pipeline.get_dataset_info(config)
     assert (info.num_classes, info.num_train, info.num_eval) == (1000, 10, 10)
-    train = next(input_pipeline.train_iterator(config))
-    batches = list(input_pipeline.eval_iterator(config, ten_crop=True))
+    train = next(input_pipeline.train_iterator(config, mean=None))
+    batches = list(input_pipeline.eval_iterator(config, ten_crop=True, mean=None))
   assert train['image'].shape == (4, 12, 12, 3) and train['image'].dtype == np.float32
   assert train['label'].dtype == np.int32 and np.all(train['label'] < 1000)
   assert [b['image'].shape for b in batches] == [(6, 10, 12, 12, 3)] * 2
@@ -149,7 +149,7 @@ def test_tfds_imagenet_jpegs_through_the_mock(tmp_path, cache):
 def test_tfds_grey_pngs_become_rgb(tmp_path):
   config = _tfds_config('mnist', tmp_path, num_classes=10, mean=None, pca_lighting=False)
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
-    batch = next(input_pipeline.train_iterator(config))
+    batch = next(input_pipeline.train_iterator(config, mean=None))
   assert batch['image'].shape == (4, 12, 12, 3)
   assert np.all(batch['image'][..., 0] == batch['image'][..., 1])  # grey replicated
 
@@ -159,8 +159,8 @@ def test_synthetic_shapes():
   config.update(dataset='synthetic', image_size=8, batch_size=4, eval_batch_size=4)
   info = input_pipeline.get_dataset_info(config)
   assert info.num_train == data_sources.SYNTHETIC_NUM_TRAIN
-  batch = next(input_pipeline.train_iterator(config))
+  batch = next(input_pipeline.train_iterator(config, mean=None))
   assert batch['image'].shape == (4, 8, 8, 3) and batch['label'].dtype == np.int32
-  masks = [b['mask'] for b in input_pipeline.eval_iterator(config)]
-  assert len(masks) == input_pipeline.num_eval_batches(config, info)
+  masks = [b['mask'] for b in input_pipeline.eval_iterator(config, mean=None)]
+  assert len(masks) == input_pipeline.num_eval_batches_of(info.num_eval, config)
   assert sum(m.sum() for m in masks) == info.num_eval

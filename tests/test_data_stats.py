@@ -59,7 +59,7 @@ def test_unreadable_images_are_left_out_of_the_statistics(tmp_path):
 def test_stats_are_cached_in_the_workdir(tmp_path, monkeypatch):
   config = digits.get_config()
   workdir = str(tmp_path / 'work')
-  stats = data_stats.get_stats(config, workdir)
+  stats = data_stats.training_stats(config, workdir)
   train_x, _ = data_sources.digits_arrays(config.resize_size)['train']
   np.testing.assert_allclose(stats['rgb_mean'], train_x.reshape(-1, 3).mean(axis=0), rtol=1e-5)
   assert int(stats['num_images']) == 1437  # digits: the whole train split
@@ -69,11 +69,11 @@ def test_stats_are_cached_in_the_workdir(tmp_path, monkeypatch):
 
   monkeypatch.setattr(data_stats, 'compute_stats', fail)
   monkeypatch.setattr(data_stats, '_COMPUTED', {})
-  cached = data_stats.get_stats(config, workdir)
+  cached = data_stats.training_stats(config, workdir)
   np.testing.assert_array_equal(cached['mean_image'], stats['mean_image'])
   config.resize_size = 24  # a cache for another size is not used
   with pytest.raises(AssertionError, match='recomputed'):
-    data_stats.get_stats(config, workdir)
+    data_stats.training_stats(config, workdir)
 
 
 def test_command_line_writes_a_usable_npz(tmp_path):

@@ -161,3 +161,26 @@ def test_build_without_compiler_names_the_problem(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'no-such-compiler-here')
   with pytest.raises(RuntimeError, match='C\\+\\+ compiler'):
     onednn._build()  # pylint: disable=protected-access
+
+
+def test_a_damaged_cached_library_is_rebuilt_once(monkeypatch, tmp_path):
+  monkeypatch.setenv('ALEXNET_JAX_CACHE', str(tmp_path))
+  path = onednn._build()  # pylint: disable=protected-access
+  with open(path, 'wb') as f:  # What an interrupted copy or a full disk leaves.
+    f.write(b'not a shared library')
+  symbols = onednn._built_symbols()  # pylint: disable=protected-access
+  assert set(symbols) == set(onednn._TARGETS)  # pylint: disable=protected-access
+  assert os.path.getsize(path) > 10_000
+
+
+def test_cache_key_covers_compiler_and_platform(monkeypatch):
+  key = onednn._cache_key  # pylint: disable=protected-access
+  cxx = shutil.which('g++')
+  base = key(cxx, ['-O2'], '/lib')
+  assert key(cxx, ['-O2'], '/lib') == base
+  monkeypatch.setattr(onednn.platform, 'machine', lambda: 'riscv64')
+  assert key(cxx, ['-O2'], '/lib') != base
+  monkeypatch.undo()
+  fake = onednn.subprocess.CompletedProcess([], 0, stdout='g++ 99.0', stderr='')
+  monkeypatch.setattr(onednn.subprocess, 'run', lambda *a, **k: fake)
+  assert key(cxx, ['-O2'], '/lib') != base

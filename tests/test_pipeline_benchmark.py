@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_jax.bench import pipeline as pipeline_benchmark
+from configs import alexnet
 
 
 def test_generated_jpegs_are_imagenet_like(tmp_path):
@@ -22,5 +23,6 @@ def test_generated_jpegs_are_imagenet_like(tmp_path):
 
 def test_benchmark_reports_a_throughput(tmp_path):
   pipeline_benchmark.write_jpegs(str(tmp_path), 8, long_side=64)
-  result = pipeline_benchmark.benchmark(str(tmp_path), batches=2, warmup=1, batch_size=4)
+  result = pipeline_benchmark.benchmark(alexnet.get_config(), str(tmp_path), batches=2, warmup=1,
+                                      batch_size=4)
   assert result['images_per_sec'] > 0 and result['num_files'] == 8

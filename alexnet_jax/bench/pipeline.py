@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from alexnet_jax import cli
 from alexnet_jax.errors import UserError
 
 # ImageNet's typical image is 500x375 (4:3); the long side varies around it.
@@ -113,7 +114,6 @@ def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int
 
 def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', cli.checkout_config('alexnet.py'),
                                   'Config whose training pipeline is timed.')
   flags.DEFINE_integer('num_images', 512, 'JPEGs to generate (if --dir has fewer).')
@@ -148,5 +148,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -120,9 +120,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else max(1, int(config.eval_every_epochs * steps_per_epoch)))
   os.makedirs(workdir, exist_ok=True)
+  # Classes first: a workdir of other classes is refused before its config is overwritten.
+  run_lib.record_classes(workdir, info.class_names, is_writer=is_main)
   if is_main:
     run_lib.write_config(workdir, config, kernels)
-  run_lib.record_classes(workdir, info.class_names, is_writer=is_main)
   mean = data_stats.mean_to_subtract(config, data_stats.training_stats(config, workdir, is_main))
   logging.info('%s: %d training / %d eval examples, %d classes; %d steps of %d (%d per epoch) '
                'on %d devices', config.dataset, info.num_train, info.num_eval, info.num_classes,

@@ -126,12 +126,7 @@ def available() -> bool:
   try:
     if 'cpu' not in {d.platform for d in jax.devices('cpu')}:
       raise RuntimeError('no CPU backend')
-    try:
-      symbols = _load(_build())
-    except (OSError, AttributeError) as e:  # A damaged or stale cached library: rebuild once.
-      logging.warning('The cached oneDNN calls did not load (%s): building them again.', e)
-      symbols = _load(_build(rebuild=True))
-    for target, symbol in symbols.items():
+    for target, symbol in _built_symbols().items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform='cpu')
     return True
   except (RuntimeError, OSError, AttributeError, ValueError, TypeError,
@@ -139,6 +134,16 @@ def available() -> bool:
     _unavailable_reason = f'{type(e).__name__}: {e}'
     logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', _unavailable_reason)
     return False
+
+
+def _built_symbols() -> dict[str, object]:
+  """The FFI handlers of the built library: built once, and built again once if the cached
+  library does not load (damaged, or left by an interrupted copy); a second failure raises."""
+  try:
+    return _load(_build())
+  except (OSError, AttributeError) as e:
+    logging.warning('The cached oneDNN calls did not load (%s): building them again.', e)
+    return _load(_build(rebuild=True))
 
 
 def _load(path: str) -> dict[str, object]:

@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import cli
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources as data_sources
 from alexnet_jax.errors import RunError
@@ -242,5 +243,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -19,7 +19,6 @@ if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden befo
   import os
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import json
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np
 
 import ml_collections
 
+from alexnet_jax import cli
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import train
 from alexnet_jax.data import pipeline as input_pipeline
@@ -152,7 +152,6 @@ def markdown_table(result: dict[str, Any], removes: dict[str, str],
 
 def _define_flags() -> None:
   # Only when run as a command: importing the library must not claim global flag names.
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('ablations', cli.checkout_config('ablations.py'),
                       'Config module with ABLATIONS, PAPER_EFFECTS and get_config(name).')
   flags.DEFINE_integer('seeds', 3, 'Seeds per ablation (0, 1, ..., seeds - 1).')
@@ -170,7 +169,6 @@ def main(argv: Sequence[str]) -> None:
   """Runs the sweep, writes --output and prints the table."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   module = cli.load_config_module(f.ablations)
   names = f.names or list(module.ABLATIONS)
@@ -185,8 +183,7 @@ def main(argv: Sequence[str]) -> None:
                          workdir=f.workdir, overrides=overrides)
   result['markdown'] = markdown_table(
       result, {n: what for n, (what, _) in module.ABLATIONS.items()}, module.PAPER_EFFECTS)
-  with open(f.output, 'w', encoding='utf-8') as out:
-    json.dump(result, out, indent=2)
+  cli.write_json(f.output, result)
   for name, s in result['summary'].items():
     print(f'{name:<22} top-1 error {100 * s["mean_top1_error"]:6.2f}% ± '
           f'{100 * s["std_top1_error"]:.2f}% over {s["num_seeds"]} seeds')
@@ -196,5 +193,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -18,7 +18,6 @@ if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden befo
   import os
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from alexnet_jax import cli
 from alexnet_jax.core import evaluation
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.errors import UserError
@@ -139,11 +139,9 @@ def main(argv: Sequence[str]) -> None:
   report = evaluate_workdirs(f.workdirs or [], split=f.split, which=f.checkpoint, crops=f.crops)
   print(format_table(report))
   if f.output:
-    with open(f.output, 'w', encoding='utf-8') as out:
-      json.dump(report, out, indent=2)
+    cli.write_json(f.output, report)
     print(f'Wrote {f.output}')
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import cli
 from alexnet_jax.core import models
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.data import augment
@@ -369,5 +370,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import cli
 from alexnet_jax.core import metrics
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
@@ -122,5 +123,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

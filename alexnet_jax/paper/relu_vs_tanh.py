@@ -24,7 +24,6 @@ if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden befo
   import os
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import json
 import time
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import optax
 
+from alexnet_jax import cli
 from alexnet_jax.core import metrics
 from alexnet_jax.core import ops
 from alexnet_jax.data import augment
@@ -193,7 +193,6 @@ def plot(result: dict[str, Any], output: str) -> None:
 def _define_flags() -> None:
   # Only when run as a command: importing the library must not claim global flag names.
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', cli.checkout_config('digits.py'),
                                   'Whose data to train on (configs/digits.py).')
   flags.DEFINE_string('output', 'fig1.png', 'PNG file for the figure.')
@@ -229,11 +228,9 @@ def main(argv: Sequence[str]) -> None:
     print(f'{_speed_text(result["speedup"])} to 25% training error (the paper: ReLU about 6x '
           'faster on CIFAR-10).')
   if f.json:
-    with open(f.json, 'w', encoding='utf-8') as out:
-      json.dump(result, out, indent=1)
+    cli.write_json(f.json, result, indent=1)
   print(f'Wrote {f.output}')
 
 
 if __name__ == '__main__':
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)

@@ -1,4 +1,4 @@
-"""host.keep_freed_memory: freed memory is reused, so repeated large allocations stop faulting."""
+"""alexnet_jax/cpu/allocator.py, keep_freed_memory: freed memory is reused, so repeated large allocations stop faulting."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import pytest
 
 from alexnet_jax.cpu import allocator as host
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Allocates and frees a 64 MiB buffer (above glibc's largest mmap threshold, 32 MiB) and writes
 # every page, as XLA:CPU does with a step's temporaries; prints the page faults of the last
 # three rounds, counted by the kernel.
 _PROBE = """
 import ctypes, resource, sys
-sys.path.insert(0, {root!r})
 from alexnet_jax.cpu import allocator as host
 applied = host.keep_freed_memory() if sys.argv[1] == 'kept' else False
 libc = ctypes.CDLL(None)
@@ -37,7 +35,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(setting: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-  out = subprocess.run([sys.executable, '-c', _PROBE.format(root=ROOT), setting],
+  out = subprocess.run([sys.executable, '-c', _PROBE, setting],
                        capture_output=True, text=True, check=True,
                        env=dict(os.environ, **(env or {}))).stdout.split()
   return out[0], int(out[1])
