@@ -115,8 +115,12 @@ def load_config_module(path: str) -> Any:
 
 
 def write_json(path: str, data: Any, indent: int = 2) -> None:
-  """Writes a command's JSON result to `path` (whole or not at all), creating its folder."""
+  """Writes a command's JSON result to `path` (whole or not at all), creating its folder; in a
+  run of several processes, process 0 writes it (every process holds the same result)."""
   import json  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:

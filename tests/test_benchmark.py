@@ -25,6 +25,12 @@ def test_benchmark_command_prints_json_measurements():
   assert train['batch_size'] == 4 and train['devices'] == 1 and train['dtype'] == 'float32'
   assert train['train_images_per_sec'] > 0
   assert train['conv_backend'] in ('onednn', 'xla') and train['malloc'] in ('kept', 'default')
+  # The kernels the step ran with, resolved once as training resolves them, printed and recorded.
+  from alexnet_jax.core import kernels  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  resolved = kernels.resolve(tiny.get_config()).as_dict()
+  assert {k: train[k] for k in resolved} == resolved
+  assert f'kernels: {kernels.Kernels(**resolved).describe()}' in proc.stdout
   assert {'eval_center_crop', 'eval_ten_crop'} <= set(by_kind)
   layers = {(r['layer'], r['impl']) for r in by_kind['layer']}
   assert ('conv1', 'im2col') in layers and ('pool1', 'reduce_window') in layers

@@ -93,3 +93,15 @@ def test_command_prints_the_table_and_writes_json(tiny_workdir, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     evaluate.evaluate_workdirs([str(tmp_path)])
+
+
+def test_sums_are_global_over_processes(monkeypatch):
+  """Each process counts its share; every process reports the sums of all (here: two equal
+  shares, gathered as JAX's multi-process runtime would)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: np.stack([x, x]))
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+  result = evaluate.errors(probs, np.array([0, 0, 1]))
+  assert result == {'top1_error': pytest.approx(2 / 3), 'top5_error': 0.0, 'num_examples': 6}
