@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'paper': alpha multiplies the sum as written in §3.3 (TensorFlow's convention);
   # 'divided': alpha / n (cuda-convnet, Caffe, PyTorch).
   c.lrn_alpha_convention = 'paper'
+  # §3.2: the two columns (GPUs) exchange nothing before conv3, so each normalises only its own
+  # channels: 48 of conv1, 128 of conv2 (cuda-convnet's layer file: `[rnorm1a] inputs=conv1a
+  # channels=48 size=5`). False lets the 5-channel window cross the boundary, as Caffe's and
+  # torchvision's one-GPU nets do.
+  c.lrn_within_columns = True
   c.overlapping_pool = True  # §3.4: 3x3 windows, stride 2 (False: 2x2, stride 2).
   c.activation = 'relu'  # §3.1: 'relu' or 'tanh'.
   c.dropout_rate = 0.5  # §4.2: dropout 0.5 in FC6 and FC7.
@@ -93,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.01  # §5
   c.momentum = 0.9  # §5
   c.weight_decay = 5e-4  # §5
+  # §5's rule is written for the weights w; cuda-convnet decays weights only and Caffe's
+  # reference AlexNet sets decay_mult 0 on every bias. True also decays the biases (an
+  # ablation; §5's bias of 1 would then shrink towards 0 with a time constant of ~2 epochs).
+  c.decay_biases = False
   # §5: "divide the learning rate by 10 when the validation error rate stopped improving",
   # three times. 'step' divides at `lr_decay_epochs` instead.
   c.lr_schedule = 'plateau'

@@ -14,4 +14,5 @@ from configs import alexnet
 def get_config() -> ml_collections.ConfigDict:
   c = alexnet.get_config()
   c.model = 'one_column'
+  c.lrn_within_columns = False  # one column: nothing to keep apart.
   return c

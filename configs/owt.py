@@ -16,4 +16,5 @@ def get_config() -> ml_collections.ConfigDict:
   c = alexnet.get_config()
   c.model = 'owt'
   c.lrn = False
+  c.lrn_within_columns = False  # no LRN, one column (torchvision).
   return c

@@ -8,6 +8,7 @@ import pytest
 
 from alexnet_jax.paper import ablations
 from alexnet_jax.data import stats as data_stats
+from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import models
 from configs import ablations as ablation_configs
 from configs import digits
@@ -44,7 +45,13 @@ def test_tiny_sweep_writes_its_table(tmp_path):
   result = ablations.run_ablations(chosen, [0, 1], 1, workdir=str(tmp_path), overrides=TINY)
   for name in ('baseline', 'no_dropout'):
     errs = [r['top1_error'] for r in result['runs'][name]]
-    assert len(errs) == 2 and all(0 <= e <= 1 for e in errs)
+    assert len(errs) == 2
+    for r in result['runs'][name]:  # each run's own record of its final evaluation (64 digits)
+      final = [e for e in metrics_lib.read_jsonl(os.path.join(r['workdir'], 'metrics.jsonl'))
+               if 'eval/top1_error' in e][-1]
+      assert (r['top1_error'], r['top5_error']) == (final['eval/top1_error'],
+                                                    final['eval/top5_error'])
+      assert final['eval/num_examples'] == 64 and final['step'] == TINY['num_train_steps']
     s = result['summary'][name]
     assert s['mean_top1_error'] == pytest.approx(np.mean(errs))
     assert s['std_top1_error'] == pytest.approx(np.std(errs, ddof=1))

@@ -92,9 +92,18 @@ def test_cuda_convnet_lighting_is_about_twice_the_paper_along_the_first_componen
   assert along(cuda) / along(paper) == pytest.approx(ratio, rel=1e-4)
 
 
-def test_published_eigenvectors_are_orthonormal():
-  vecs = augment.IMAGENET_PCA_EIGVEC
-  np.testing.assert_allclose(vecs.T @ vecs, np.eye(3), atol=2e-3)
+@pytest.mark.parametrize('scale', ['paper', 'cuda_convnet'])
+def test_lighting_offset_is_the_eigenvectors_as_columns_times_the_draws(scale):
+  """§4.1 recomputed: the offset is P (a * w), P's columns the eigenvectors, a the stateless
+  N(0, std) draws of the key; using P's rows, or another scale, would break this."""
+  key = tf.constant([3, 4], tf.int64)
+  eigval, eigvec = augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
+  a = tf.random.stateless_normal([3], key, stddev=0.1).numpy().astype(np.float64)
+  w = eigval * 255.0 if scale == 'paper' else np.sqrt(eigval * 255.0**2)
+  expected = np.asarray(eigvec, np.float64) @ (a * w)
+  got = augment.lighting_offset(key, eigval, eigvec, 0.1, scale).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, np.asarray(eigvec, np.float64).T @ (a * w), atol=1e-3)
 
 
 def test_ten_crop_is_corners_centre_and_their_mirrors():

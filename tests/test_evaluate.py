@@ -27,15 +27,14 @@ def second_workdir(tmp_path_factory):
                              seed=1)
 
 
-def test_errors_count_ties_for_the_true_label():
+def test_ensemble_errors_use_the_one_counting():
   probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
   labels = np.array([1, 0, 2])
-  # Ranks of the true class: 0 (tie), 2, 1.
-  for k, expected in ((1, 2 / 3), (2, 1 / 3), (3, 0.0)):
-    assert np.mean(metrics_lib.topk_errors(probs, labels, k)) == pytest.approx(expected)
-  # The ensemble's counting is the same function's.
+  # Other classes at least as probable as the true one: 1 (a tie), 2, 1.
   result = evaluate.errors(probs, labels)
-  assert result == {'top1_error': pytest.approx(2 / 3), 'top5_error': 0.0, 'num_examples': 3}
+  assert result == {'top1_error': 1.0, 'top5_error': 0.0, 'num_examples': 3}
+  for k, expected in ((1, 1.0), (2, 1 / 3), (3, 0.0)):
+    assert np.mean(metrics_lib.topk_errors(probs, labels, k)) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize('crop', ['center_crop', 'ten_crop'])

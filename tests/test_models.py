@@ -166,6 +166,33 @@ def test_perturbing_one_column_of_conv2_changes_only_that_column():
   assert changed[128:].all() and not changed[:128].any()
 
 
+@pytest.mark.parametrize('within', [True, False])
+def test_lrn_keeps_each_column_to_itself_until_conv3(within):
+  """§3.2: with lrn_within_columns, changing column 1's conv1 kernels changes nothing of column 2
+  up to conv3's input (pool2); with the window crossing (Caffe, torchvision), it leaks."""
+  config = _config(model='small', num_classes=10, lrn_within_columns=within)
+  model = models.create_model(config, Kernels())
+  params = models.init_params(model, jax.random.key(0), 32)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 60.0
+  c1, c2 = 16, 32  # the small net's conv1 (32) and conv2 (64) channels of one column
+
+  def stages(p):
+    _, state = model.apply({'params': p}, x, mutable=['intermediates'])
+    return {k: np.asarray(v[0]) for k, v in state['intermediates'].items()}
+
+  before = stages(params)
+  kernel = params['conv1']['kernel']
+  perturbed = dict(params, conv1=dict(params['conv1'],
+                                      kernel=kernel.at[..., :c1].multiply(3.0)))
+  after = stages(perturbed)
+  assert not np.array_equal(before['pool1'][..., :c1], after['pool1'][..., :c1])
+  assert np.array_equal(before['conv1_out'][..., c1:], after['conv1_out'][..., c1:])
+  other = [np.array_equal(before['pool1'][..., c1:], after['pool1'][..., c1:]),
+           np.array_equal(before['conv2_out'][..., c2:], after['conv2_out'][..., c2:]),
+           np.array_equal(before['pool2'][..., c2:], after['pool2'][..., c2:])]
+  assert all(other) if within else not any(other)
+
+
 def test_paper_initialisation_statistics():
   params = models.init_params(models.create_model(_config()), jax.random.key(0), 224)
   for name, layer in params.items():
@@ -195,10 +222,17 @@ def paper_model_and_params():
 def test_eval_is_deterministic_and_dropout_is_not(paper_model_and_params):
   model, params, images = paper_model_and_params
   apply = jax.jit(model.apply, static_argnames='train')
-  a = apply({'params': params}, images, train=False)
-  b = apply({'params': params}, images, train=False)
+  # Dropout is off at evaluation: different dropout keys give the very same logits...
+  a = apply({'params': params}, images, train=False, rngs={'dropout': jax.random.key(1)})
+  b = apply({'params': params}, images, train=False, rngs={'dropout': jax.random.key(2)})
   np.testing.assert_array_equal(a, b)
   assert a.shape == (2, 1000) and np.isfinite(a).all()
+  # ...and a network without dropout gives them in training mode too (§4.2: at test time the
+  # outputs are not scaled; inverted dropout scales during training instead).
+  plain = models.create_model(_config(dropout_rate=0.0))
+  c = jax.jit(plain.apply, static_argnames='train')({'params': params}, images, train=True,
+                                                     rngs={'dropout': jax.random.key(1)})
+  np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
   d1 = apply({'params': params}, images, train=True, rngs={'dropout': jax.random.key(1)})
   d2 = apply({'params': params}, images, train=True, rngs={'dropout': jax.random.key(2)})
   assert not np.allclose(d1, d2)

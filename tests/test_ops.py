@@ -92,3 +92,22 @@ def test_unknown_impl_is_named(fn, kwargs):
     fn(jnp.ones((1, 5, 5, 4)), impl='fast', **kwargs)
   with pytest.raises(ValueError, match='conv_impl'):
     ops.strided_conv(jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 2)), 2, ((0, 0), (0, 0)), 'x')
+
+
+@pytest.mark.parametrize('impl', ['reduce_window', 'custom'])
+def test_grouped_lrn_is_each_group_on_its_own(impl):
+  """groups=2 equals LRN of each half separately, values and gradients, in both forms."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 12)) * 40
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  args = (2.0, 5, 1e-4, 0.75)
+  halves = lambda x: jnp.concatenate([ops.lrn_reference(h, *args) for h in jnp.split(x, 2, -1)],
+                                     -1)
+  grouped = lambda x: ops.lrn(x, *args, impl=impl, groups=2)
+  np.testing.assert_allclose(grouped(x), halves(x), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(grouped(x) * g))(x),
+                             jax.grad(lambda x: jnp.sum(halves(x) * g))(x), rtol=1e-5, atol=1e-7)
+  # The window no longer crosses: channel 5's output ignores channel 6, unlike groups=1.
+  bump = x.at[..., 6].add(10.0)
+  assert np.array_equal(grouped(bump)[..., 5], grouped(x)[..., 5])
+  assert not np.array_equal(ops.lrn(bump, *args, impl=impl)[..., 5],
+                            ops.lrn(x, *args, impl=impl)[..., 5])

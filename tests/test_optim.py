@@ -17,31 +17,36 @@ def _config(**overrides):
 
 
 def _toy_problem():
-  """Least squares: L(w, b) = mean((X w + b - y)^2) / 2, with its gradient in closed form."""
+  """Least squares: L(w, b) = mean((X w + b - y)^2) / 2, with its gradient in closed form.
+
+  The weights are named 'kernel' and the bias 'bias', as in the model's parameters."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 5))
   y = rng.normal(size=(32,))
-  params = {'w': rng.normal(size=(5,)), 'b': np.array(0.5)}
+  params = {'kernel': rng.normal(size=(5,)), 'bias': np.array(0.5)}
 
   def grad(p):
-    r = x @ p['w'] + p['b'] - y
-    return {'w': x.T @ r / len(y), 'b': np.array(r.mean())}
+    r = x @ p['kernel'] + p['bias'] - y
+    return {'kernel': x.T @ r / len(y), 'bias': np.array(r.mean())}
 
   return params, grad
 
 
+@pytest.mark.parametrize('decay_biases', [False, True])
 @pytest.mark.parametrize('lrs', [[0.01] * 6, [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]])
-def test_optimizer_follows_the_papers_update_rule(lrs):
+def test_optimizer_follows_the_papers_update_rule(lrs, decay_biases):
   params, grad = _toy_problem()
-  tx = optim.create_optimizer(_config())
+  tx = optim.create_optimizer(_config(decay_biases=decay_biases))
   jparams = jax.tree_util.tree_map(jnp.asarray, params)
   state = tx.init(jparams)
-  # §5: v <- 0.9 v - 0.0005 e w - e g ; w <- w + v  (NumPy, float64).
+  # §5: v <- 0.9 v - 0.0005 e w - e g ; w <- w + v  (NumPy, float64), for the weights w; the
+  # bias gets no decay term unless decay_biases (the ablation).
+  decay = {'kernel': 0.0005, 'bias': 0.0005 if decay_biases else 0.0}
   v = {k: np.zeros_like(p) for k, p in params.items()}
   w = {k: p.copy() for k, p in params.items()}
   for lr in lrs:
     g = grad(w)
-    v = {k: 0.9 * v[k] - 0.0005 * lr * w[k] - lr * g[k] for k in w}
+    v = {k: 0.9 * v[k] - decay[k] * lr * w[k] - lr * g[k] for k in w}
     w = {k: w[k] + v[k] for k in w}
     jgrad = jax.tree_util.tree_map(jnp.asarray, grad(jax.tree_util.tree_map(np.asarray,
                                                                             jparams)))
@@ -56,7 +61,8 @@ def test_constant_rate_equals_optax_sgd_with_decayed_weights():
   params, grad = _toy_problem()
   params = jax.tree_util.tree_map(jnp.asarray, params)
   ours = optim.create_optimizer(_config())
-  ref = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+  ref = optax.chain(optax.add_decayed_weights(5e-4, mask={'kernel': True, 'bias': False}),
+                    optax.sgd(0.01, momentum=0.9))
   p1, p2, s1, s2 = params, params, ours.init(params), ref.init(params)
   for _ in range(5):
     u1, s1 = ours.update(jax.tree_util.tree_map(jnp.asarray, grad(p1)), s1, p1)
@@ -108,3 +114,15 @@ def test_schedule_state_round_trips():
   b.observe(0.5)
   a.observe(0.5)
   assert b.value(0) == pytest.approx(a.value(0))
+
+
+def test_biases_keep_their_value_without_gradient():
+  """§5's bias of 1 stays 1 when its gradient is zero: no decay pulls it towards 0."""
+  params = {'fc6': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))}}
+  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+  for decay_biases, expected_bias in ((False, 1.0), (True, (1 - 0.01 * 5e-4))):
+    tx = optim.create_optimizer(_config(decay_biases=decay_biases))
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new['fc6']['bias'], expected_bias, rtol=1e-7)
+    np.testing.assert_allclose(new['fc6']['kernel'], 1 - 0.01 * 5e-4, rtol=1e-7)

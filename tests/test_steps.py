@@ -90,6 +90,8 @@ def test_eval_step_counts_only_masked_examples_and_averages_ten_crops(ten_crop):
   # Shaped like images ([B, 10, H, W, C] for ten crops) with H = W = 1 and C = classes.
   shape = (b, 10, 1, 1, classes) if ten_crop else (b, 1, 1, classes)
   images = rng.normal(0, 2, shape).astype(np.float32)
+  images[2] = 1.0  # every class tied: an error for top-1 and top-5 alike
+  images[5] = np.round(images[5])  # some classes tied
   logits = images.reshape(b, 10, classes) if ten_crop else images.reshape(b, classes)
   labels = rng.integers(0, classes, b).astype(np.int32)
   mask = np.array([1, 1, 1, 0, 1, 1, 0, 0], bool)
@@ -99,9 +101,11 @@ def test_eval_step_counts_only_masked_examples_and_averages_ten_crops(ten_crop):
   probs = _softmax(logits.astype(np.float64))
   if ten_crop:
     probs = probs.mean(axis=1)
-  order = np.argsort(-probs, axis=1)
-  top1 = order[:, 0] != labels
-  top5 = np.array([labels[i] not in order[i, :5] for i in range(b)])
+  # Wrong unless fewer than k other classes are at least as probable as the true one.
+  others = np.array([(np.delete(probs[i], labels[i]) >= probs[i, labels[i]]).sum()
+                     for i in range(b)])
+  top1, top5 = others >= 1, others >= 5
+  assert top1[2] and top5[2]
   assert out['count'] == mask.sum()
   assert out['top1_errors'] == (top1 & mask).sum()
   assert out['top5_errors'] == (top5 & mask).sum()

@@ -1,5 +1,6 @@
 """The training loop end to end: main.py, resume, signals, divergence and bad configs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -53,7 +54,12 @@ def test_main_trains_evaluates_and_writes_its_files(tmp_path):
   assert [r['step'] for r in train_rec] == [1, 2]
   for key in ('train/loss', 'train/top1_error', 'lr', 'train/images_per_sec'):
     assert key in train_rec[-1]
-  assert eval_rec[-1]['step'] == 2 and 0 <= eval_rec[-1]['eval/top5_error'] <= 1
+  last = eval_rec[-1]
+  # tiny: 2 evaluation batches of 64; errors are counts of those 128 examples, top-5 <= top-1.
+  assert last['step'] == 2 and last['eval/num_examples'] == 128
+  for key in ('eval/top1_error', 'eval/top5_error'):
+    assert last[key] * 128 == pytest.approx(round(last[key] * 128), abs=1e-6)
+  assert last['eval/top5_error'] <= last['eval/top1_error'] and last['eval/loss'] > 0
   assert (tmp_path / 'config.json').exists()
   assert os.listdir(tmp_path / 'tensorboard')
   assert os.path.isdir(tmp_path / 'checkpoints' / '2')
@@ -61,7 +67,13 @@ def test_main_trains_evaluates_and_writes_its_files(tmp_path):
   proc = _main(tmp_path, '--mode=eval', '--checkpoint=latest')
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
-  assert (tmp_path / 'eval_test_center_crop.json').exists()
+  # Evaluated again in another process from the checkpoint: the training run's numbers exactly.
+  with open(tmp_path / 'eval_test_center_crop.json', encoding='utf-8') as f:
+    again = json.load(f)
+  assert again['step'] == 2
+  for key in ('eval/top1_error', 'eval/top5_error', 'eval/num_examples'):
+    assert again[key] == last[key], key
+  assert again['eval/loss'] == pytest.approx(last['eval/loss'], rel=1e-6)
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
@@ -100,15 +112,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  good = _config(num_train_steps=2, checkpoint_every_steps=1)
+  train.train_and_evaluate(good, str(tmp_path))
+  # The same workdir resumed with a rate that diverges at once: it stops, the step-2 checkpoint
+  # stays the latest, and no evaluation of the diverged network is recorded.
   config = _config(learning_rate=1e8, num_train_steps=50, checkpoint_every_steps=1,
-                   log_every_steps=1000)
-  with pytest.raises(errors.TrainingDivergedError, match='became (nan|inf|NaN)'):
+                   eval_every_steps=1, log_every_steps=1000)
+  with pytest.raises(errors.TrainingDivergedError, match='became (nan|inf|NaN)|NaN or infinite'):
     train.train_and_evaluate(config, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
-  assert not saved or saved[-1] < 50
-  if saved:  # Any checkpoint written holds finite parameters.
-    state = _final_params(str(tmp_path), config)
-    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+  assert saved[-1] == 2
+  state = _final_params(str(tmp_path), config)
+  assert int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+  evals = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if 'eval/loss' in r]
+  assert [r['step'] for r in evals] == [2]
 
 
 @pytest.mark.parametrize('field,value,message', [

@@ -146,6 +146,8 @@ SCHEMA: dict[str, Field] = {
     'lrn_alpha': _num(0),
     'lrn_beta': _num(0),
     'lrn_alpha_convention': _choice('paper', 'divided'),
+    # Runs before this field normalised across the column boundary.
+    'lrn_within_columns': Field('bool', legacy=False),
     'overlapping_pool': _BOOL,
     'activation': _choice(*ACTIVATIONS),
     'dropout_rate': _num(0, 1, high_open=True),
@@ -164,6 +166,8 @@ SCHEMA: dict[str, Field] = {
     'learning_rate': _num(0, low_open=True),
     'momentum': _num(0, 1, high_open=True),
     'weight_decay': _num(0),
+    # Runs before this field decayed the biases too.
+    'decay_biases': Field('bool', legacy=True),
     'lr_schedule': _choice(*LR_SCHEDULES),
     'lr_decay_factor': _num(0, 1, low_open=True),
     'lr_decay_epochs': Field('numbers', low=0),

@@ -19,14 +19,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def topk_errors(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the true label is not among the k highest `scores` (§6: top-1/top-5 error).
+  """1.0 where the true label is not strictly among the k highest `scores` (§6: top-1/top-5).
 
-  The rank of the true class is the number of classes scored strictly higher, so a tie counts
-  in the true label's favour, as it would under any tie-breaking of a sort.
+  Counted so that it cannot flatter: a class scoring as high as the true one (a tie, real with
+  bfloat16 logits or probabilities that underflow to 0) ranks above it, and a row with a NaN or
+  infinite score is wrong. The true class is right only if fewer than k other classes score at
+  least as high and every score of the row is finite.
   """
   true_score = jnp.take_along_axis(scores, labels[:, None], axis=-1)
-  rank = jnp.sum(scores > true_score, axis=-1)
-  return (rank >= k).astype(jnp.float32)
+  at_least_as_high = jnp.sum(scores >= true_score, axis=-1) - 1  # the true class itself out
+  finite = jnp.all(jnp.isfinite(scores), axis=-1)
+  return ((at_least_as_high >= k) | ~finite).astype(jnp.float32)
 
 
 def error_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -36,13 +39,15 @@ def error_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
   models). Every evaluation counts its errors with this one function: training-time
   evaluation, `--mode=eval` and the ensembles of `alexnet_jax.paper.evaluate`.
   """
-  mask = mask.astype(jnp.float32)
+  mask = jnp.asarray(mask, bool)
   nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
+  # where, not a product: a padding example's value never reaches the sums, not even a NaN.
+  masked_sum = lambda v: jnp.sum(jnp.where(mask, v, 0.0))
   return {
-      'loss': jnp.sum(nll * mask),
-      'top1_errors': jnp.sum(topk_errors(probs, labels, 1) * mask),
-      'top5_errors': jnp.sum(topk_errors(probs, labels, min(5, probs.shape[-1])) * mask),
-      'count': jnp.sum(mask),
+      'loss': masked_sum(nll),
+      'top1_errors': masked_sum(topk_errors(probs, labels, 1)),
+      'top5_errors': masked_sum(topk_errors(probs, labels, min(5, probs.shape[-1]))),
+      'count': jnp.sum(mask.astype(jnp.float32)),
   }
 
 

@@ -97,7 +97,7 @@ def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
 
 def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: float = 1e-4,
                         beta: float = 0.75, alpha_convention: str = 'paper',
-                        impl: str = 'custom') -> jax.Array:
+                        impl: str = 'custom', groups: int = 1) -> jax.Array:
   """Local Response Normalization across channels (§3.3), NHWC.
 
   b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta
@@ -109,6 +109,9 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   formula as written with alpha=1e-4).
   impl: 'custom' (a hand-written gradient, `ops.lrn_custom`) or 'reduce_window' (the plain form
   and its autodiff gradient); both give the same values.
+  groups: normalise each of this many consecutive channel groups on its own (the window stops
+  at a group's edge): 2 keeps each of the paper's columns to itself, as the paper's two GPUs
+  did (cuda-convnet's `[rnorm1a] inputs=conv1a channels=48 size=5`).
   """
   if alpha_convention == 'divided':
     alpha = alpha / n
@@ -119,7 +122,7 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   dtype = x.dtype
   # The sum of squares is formed in float32: in bfloat16, a^2 summed over 5 channels loses the
   # small alpha * sum term against k = 2 (bfloat16 has 8 bits of mantissa).
-  return ops.lrn(x.astype(jnp.float32), k, n, alpha, beta, impl).astype(dtype)
+  return ops.lrn(x.astype(jnp.float32), k, n, alpha, beta, impl, groups).astype(dtype)
 
 
 class LocalResponseNorm(nn.Module):
@@ -130,11 +133,13 @@ class LocalResponseNorm(nn.Module):
   beta: float = 0.75
   alpha_convention: str = 'paper'
   impl: str = 'custom'
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return local_response_norm(x, k=self.k, n=self.n, alpha=self.alpha, beta=self.beta,
-                               alpha_convention=self.alpha_convention, impl=self.impl)
+                               alpha_convention=self.alpha_convention, impl=self.impl,
+                               groups=self.groups)
 
 
 class ColumnConv(nn.Module):
@@ -217,6 +222,8 @@ class AlexNet(nn.Module):
   lrn_alpha: float = 1e-4
   lrn_beta: float = 0.75
   lrn_alpha_convention: str = 'paper'
+  # §3.2: the columns exchange nothing before conv3, so each normalises its own channels.
+  lrn_within_columns: bool = True
   overlapping_pool: bool = True
   activation: str = 'relu'
   dropout_rate: float = 0.5
@@ -237,7 +244,10 @@ class AlexNet(nn.Module):
     window, stride = (3, 2) if self.overlapping_pool else (2, 2)
 
     x = x.astype(dtype)
-    for spec in conv_specs(self.variant):
+    specs = conv_specs(self.variant)
+    # conv1's output feeds conv2's columns half by half: it belongs to them already (§3.2).
+    lrn_groups = specs[1].columns if self.lrn_within_columns else 1
+    for spec in specs:
       x = ColumnConv(spec.features, spec.kernel, spec.stride, spec.padding, spec.columns,
                      kernels=self.kernels, kernel_init=w_init,
                      bias_init=b_init(spec.bias_one), dtype=dtype, name=spec.name)(x)
@@ -246,7 +256,7 @@ class AlexNet(nn.Module):
       if spec.lrn and self.lrn:
         x = local_response_norm(x, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
                                 beta=self.lrn_beta, alpha_convention=self.lrn_alpha_convention,
-                                impl=self.kernels.lrn_impl)
+                                impl=self.kernels.lrn_impl, groups=lrn_groups)
       if spec.pool:
         x = ops.max_pool(x, window, stride, impl=self.kernels.pool_impl)
         self.sow('intermediates', 'pool' + spec.name[-1], x)
@@ -277,7 +287,8 @@ def create_model(config: Any, kernels: Kernels | None = None) -> AlexNet:
   return AlexNet(
       variant=config.model, num_classes=config.num_classes, lrn=config.lrn, lrn_k=config.lrn_k,
       lrn_n=config.lrn_n, lrn_alpha=config.lrn_alpha, lrn_beta=config.lrn_beta,
-      lrn_alpha_convention=config.lrn_alpha_convention, overlapping_pool=config.overlapping_pool,
+      lrn_alpha_convention=config.lrn_alpha_convention,
+      lrn_within_columns=config.lrn_within_columns, overlapping_pool=config.overlapping_pool,
       activation=config.activation, dropout_rate=config.dropout_rate,
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
       dtype=config.dtype, kernels=kernels)

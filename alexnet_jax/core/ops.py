@@ -91,11 +91,23 @@ def _lrn_bwd(k, n, alpha, beta, res, g):
 lrn_custom.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-def lrn(x: jax.Array, k: float, n: int, alpha: float, beta: float, impl: str = 'custom'
-        ) -> jax.Array:
-  """Local Response Normalization across the last axis, alpha as written (see models.py)."""
+def lrn(x: jax.Array, k: float, n: int, alpha: float, beta: float, impl: str = 'custom',
+        groups: int = 1) -> jax.Array:
+  """Local Response Normalization across the last axis, alpha as written (see models.py).
+
+  groups > 1 splits the channels into that many consecutive groups and normalises each on its
+  own: the window is clipped at every group's first and last channel, as at the ends of the
+  axis, so no group reads another's activity (the paper's columns, §3.2). Both forms honour it,
+  values and gradients: the split is a reshape around them.
+  """
   if impl not in LRN_IMPLS:
     raise ValueError(f'lrn_impl must be one of {LRN_IMPLS}, got {impl!r}')
+  if groups > 1:
+    c = x.shape[-1]
+    if c % groups:
+      raise ValueError(f'{c} channels do not split into {groups} LRN groups')
+    y = lrn(x.reshape(x.shape[:-1] + (groups, c // groups)), k, n, alpha, beta, impl)
+    return y.reshape(x.shape)
   if impl == 'reduce_window':
     return lrn_reference(x, k, n, alpha, beta)
   return lrn_custom(x, k, n, alpha, beta)

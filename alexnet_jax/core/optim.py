@@ -14,15 +14,26 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 
-def paper_sgd(learning_rate: float, momentum: float, weight_decay: float
-              ) -> optax.GradientTransformation:
-  """§5: SGD with momentum and weight decay, v <- m v - wd e w - e g; w <- w + v."""
+def weights_only(params: Any) -> Any:
+  """True for every kernel, False for every bias: what §5's weight decay applies to."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) != 'bias', params)
+
+
+def paper_sgd(learning_rate: float, momentum: float, weight_decay: float,
+              decay_biases: bool = False) -> optax.GradientTransformation:
+  """§5: SGD with momentum and weight decay, v <- m v - wd e w - e g; w <- w + v.
+
+  The decay term applies to the weights only (§5 writes it for w; cuda-convnet and Caffe's
+  reference AlexNet leave biases undecayed) unless `decay_biases`.
+  """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
+      optax.add_decayed_weights(weight_decay, mask=None if decay_biases else weights_only),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum),
   )
@@ -35,9 +46,9 @@ def create_optimizer(config: Any) -> optax.GradientTransformation:
   step can be given the value of whichever schedule runs, including the validation-driven
   plateau schedule that no function of the step count can express.
   """
-  return optax.inject_hyperparams(paper_sgd)(
+  return optax.inject_hyperparams(paper_sgd, static_args=('decay_biases',))(
       learning_rate=config.learning_rate, momentum=config.momentum,
-      weight_decay=config.weight_decay)
+      weight_decay=config.weight_decay, decay_biases=config.decay_biases)
 
 
 def with_learning_rate(opt_state: Any, learning_rate: jnp.ndarray) -> Any:

@@ -167,6 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t0 = time.time()
     result = evaluation.evaluate(p_eval, rstate.params, config, ten_crop=config.ten_crop_eval,
                                  mean=mean)
+    # Checked before anything uses it: the plateau schedule, the best checkpoint, the metrics.
+    if not all(math.isfinite(v) for v in result.values()):
+      raise TrainingDivergedError(
+          f'The evaluation at step {step} gave {result}: the network outputs NaN or infinite '
+          'values. Stopping; the last good checkpoint is kept and this evaluation is not '
+          'recorded. Try a lower --config.learning_rate.')
     lr.observe(result['eval/top1_error'])
     if meta['best_top1_error'] is None or result['eval/top1_error'] < meta['best_top1_error']:
       meta['best_top1_error'], meta['best_step'] = result['eval/top1_error'], step
