@@ -280,15 +280,18 @@ def _maxpool_numpy(a, window, stride):
   return out
 
 
-@pytest.mark.parametrize('lrn,overlap', [(True, True), (False, False)])
-def test_lrn_and_pooling_switches(lrn, overlap):
+@pytest.mark.parametrize('lrn,overlap,within', [(True, True, True), (True, True, False),
+                                                (False, False, True)])
+def test_lrn_and_pooling_switches(lrn, overlap, within):
   model = models.create_model(_config(model='small', num_classes=10, lrn=lrn,
-                                      overlapping_pool=overlap))
+                                      overlapping_pool=overlap, lrn_within_columns=within))
   x = jax.random.normal(jax.random.key(7), (2, 32, 32, 3)) * 60.0
   params = models.init_params(model, jax.random.key(0), 32)
   _, state = model.apply({'params': params}, x, mutable=['intermediates'])
   act = np.asarray(state['intermediates']['conv1_out'][0], np.float64)
-  if lrn:
+  if lrn and within:  # each column's 16 channels on their own (§3.2)
+    act = np.concatenate([_lrn_numpy(h, 2.0, 5, 1e-4, 0.75) for h in np.split(act, 2, -1)], -1)
+  elif lrn:
     act = _lrn_numpy(act, 2.0, 5, 1e-4, 0.75)
   want = _maxpool_numpy(act, *((3, 2) if overlap else (2, 2)))
   np.testing.assert_allclose(state['intermediates']['pool1'][0], want, rtol=1e-5, atol=1e-5)
