@@ -9,15 +9,14 @@ Rerunning a training command on the same workdir resumes from its latest checkpo
 A bad value or a missing path prints one line that says what to fix, and exits with status 2.
 """
 
-import os
+from alexnet_jax import cli
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Keep TensorFlow's start-up noise quiet.
+cli.quiet_tensorflow_logs()  # Before anything loads TensorFlow.
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import cli
 from alexnet_jax import cpu
 
 FLAGS = flags.FLAGS

@@ -1,4 +1,5 @@
-"""alexnet_jax/paper/ablations.py and configs/ablations.py: each ablation switches off one choice."""
+"""alexnet_jax/paper/ablations.py and configs/ablations.py: each ablation switches off one
+choice."""
 
 import json
 import os

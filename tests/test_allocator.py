@@ -1,4 +1,5 @@
-"""alexnet_jax/cpu/allocator.py, keep_freed_memory: freed memory is reused, so repeated large allocations stop faulting."""
+"""alexnet_jax/cpu/allocator.py: with keep_freed_memory, freed memory is reused, so repeated
+large allocations stop faulting."""
 
 from __future__ import annotations
 

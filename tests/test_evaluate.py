@@ -1,4 +1,5 @@
-"""alexnet_jax/paper/evaluate.py: §6's errors, 10-crop test and ensembles against the training loop's.
+"""alexnet_jax/paper/evaluate.py: §6's errors, 10-crop test and ensembles against the training
+loop's.
 
 `tiny_workdir` (a configs/tiny.py run of a few steps) comes from conftest.py.
 """

@@ -92,7 +92,8 @@ def test_resume_gives_the_uninterrupted_batches_digits():
   steps = 1437 // 64
   uninterrupted = _take(input_pipeline.train_iterator(config, mean=None), steps + 3)
   for start in (1, steps - 1, steps, steps + 2):
-    resumed = _take(input_pipeline.train_iterator(config, start_step=start, mean=None), steps + 3 - start)
+    resumed = _take(input_pipeline.train_iterator(config, start_step=start, mean=None),
+                    steps + 3 - start)
     _assert_same_batches(resumed, uninterrupted[start:])
 
 
@@ -105,7 +106,8 @@ def test_resume_gives_the_uninterrupted_batches_tfds_stream(tmp_path):
     assert input_pipeline.steps_per_epoch(config, input_pipeline.get_dataset_info(config)) == 5
     uninterrupted = _take(input_pipeline.train_iterator(config, mean=None), 12)
     for start in (3, 5, 11):
-      resumed = _take(input_pipeline.train_iterator(config, start_step=start, mean=None), 12 - start)
+      resumed = _take(input_pipeline.train_iterator(config, start_step=start, mean=None),
+                      12 - start)
       _assert_same_batches(resumed, uninterrupted[start:])
   # The shuffle buffer reorders each epoch differently.
   assert not np.array_equal(uninterrupted[0]['label'], uninterrupted[5]['label'])

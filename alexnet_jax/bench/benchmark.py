@@ -1,11 +1,11 @@
 """Speed of the paper's network: training step, evaluation, input pipeline, whole loop, devices.
 
-  python -m alexnet_jax.bench.benchmark                                  # train step, batch 128, fp32
+  python -m alexnet_jax.bench.benchmark                        # train step, batch 128, fp32
   python -m alexnet_jax.bench.benchmark --what=train,eval,pipeline,loop --json
   python -m alexnet_jax.bench.benchmark --what=layers                     # each layer, both ways
   python -m alexnet_jax.bench.benchmark --config.dtype=bfloat16
   python -m alexnet_jax.bench.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
-  python -m alexnet_jax.bench.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch ratio
+  python -m alexnet_jax.bench.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch
 
 Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
 reports the median of --steps timed repetitions. The training step is the one training uses
@@ -175,7 +175,8 @@ def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
 
 
 def _jpeg_folder(directory: str | None, num: int) -> str:
-  from alexnet_jax.bench import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from alexnet_jax.bench import pipeline as pipeline_benchmark
   directory = directory or os.path.join(tempfile.gettempdir(), 'alexnet_jax_bench_jpegs')
   if pipeline_benchmark._count_images(directory) < num:  # pylint: disable=protected-access
     print(f'Writing {num} ImageNet-sized JPEGs to {directory} ...', flush=True)
@@ -185,7 +186,8 @@ def _jpeg_folder(directory: str | None, num: int) -> str:
 
 def measure_pipeline(config: Any, directory: str, batches: int) -> dict[str, Any]:
   """The paper's training preprocessing on real JPEGs (see pipeline_benchmark)."""
-  from alexnet_jax.bench import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from alexnet_jax.bench import pipeline as pipeline_benchmark
   r = pipeline_benchmark.benchmark(config, directory, batches, warmup=3)
   return {'measurement': 'pipeline', 'pipeline_images_per_sec': r['images_per_sec'],
           'batch_size': r['batch_size'], 'num_files': r['num_files']}
@@ -339,10 +341,8 @@ def main(argv) -> None:
   if FLAGS.peer and not os.path.isfile(FLAGS.peer):
     raise UserError(f'--peer={FLAGS.peer}: no such file; pass the path of '
                     'peer_torch_alexnet.py')
-  if config.batch_size % FLAGS.devices:
-    raise UserError(f'--batch_size={config.batch_size} does not divide over '
-                    f'--devices={FLAGS.devices}')
-  config_lib.validate(config, num_devices=FLAGS.devices)  # Before any work.
+  # Before any work; also checks that the batch divides over --devices.
+  config_lib.validate(config, num_devices=FLAGS.devices)
   kernels = kernels_lib.resolve(config)
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {jax.device_count()} '
         f'devices, {os.cpu_count()} CPUs; model={config.model} dtype={config.dtype} '

@@ -1,9 +1,10 @@
 """The training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
 
 Side effects live here (files, logging, signals, devices); the steps themselves are pure
-functions in `steps.py`, the evaluation is `evaluation.py`'s. A run is resumable at any step: rerunning the same command on the same
-workdir continues from the latest checkpoint with the same parameters, momentum, learning-rate
-schedule, RNG and position in the data, so it sees the batches an uninterrupted run would see.
+functions in `steps.py`, the evaluation is `evaluation.py`'s. A run is resumable at any step:
+rerunning the same command on the same workdir continues from the latest checkpoint with the
+same parameters, momentum, learning-rate schedule, RNG and position in the data, so it sees the
+batches an uninterrupted run would see.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ matplotlib `Figure` objects, without pyplot, so no global backend is chosen.
 from __future__ import annotations
 
 if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
-  import os
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from alexnet_jax import cli as _cli
+  _cli.quiet_tensorflow_logs()
 
 import os
 import time
@@ -269,6 +269,7 @@ def find_neighbours(workdir: str, *, num_queries: int = 5, max_train_images: int
   mean = run.mean()
   restored = run.restore(which=which)
   model, params, step = restored.model, restored.params, restored.step
+  names = run.class_names()
   fc7 = jax.jit(lambda p, x: models.fc7_features(model, p, x))
   query_ds, _, _ = _load_examples(config, split or config.eval_split, num_queries, sample=False)
   queries = next(_network_batches(query_ds, mean, config.image_size))
@@ -286,7 +287,7 @@ def find_neighbours(workdir: str, *, num_queries: int = 5, max_train_images: int
       yield fc7(params, batch['image']), batch['index']
 
   ids, dists, searched = nearest_neighbours(fc7(params, queries['image']), feature_batches())
-  return {'step': step, 'queries': queries, 'ids': ids, 'distances': dists,
+  return {'step': step, 'class_names': names, 'queries': queries, 'ids': ids, 'distances': dists,
           'searched': searched, 'how': how,
           'neighbour_squares': [[squares[int(i)] for i in row] for row in ids],
           'neighbour_labels': [[labels[int(i)] for i in row] for row in ids],
@@ -295,8 +296,8 @@ def find_neighbours(workdir: str, *, num_queries: int = 5, max_train_images: int
 
 def plot_neighbours(workdir: str, output: str, **kwargs) -> dict[str, Any]:
   """Figure 4 (right): writes each query beside its six nearest training images to `output`."""
-  names = run_lib.open_run(workdir).class_names()
   found = find_neighbours(workdir, **kwargs)
+  names = found['class_names']
   q = len(found['ids'])
   fig = Figure(figsize=(1.3 * (NUM_NEIGHBOURS + 1), 1.45 * q), dpi=100)
   axes = fig.subplots(q, NUM_NEIGHBOURS + 1, squeeze=False)
@@ -355,8 +356,8 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """Dispatches to one of COMMANDS."""
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f'Name one figure: python -m alexnet_jax.paper.figures {{{",".join(COMMANDS)}}}'
-                         ' --workdir=DIR --output=FILE.png')
+    raise app.UsageError('Name one figure: python -m alexnet_jax.paper.figures '
+                         f'{{{",".join(COMMANDS)}}} --workdir=DIR --output=FILE.png')
   f = flags.FLAGS
   if argv[1] == 'filters':
     plot_filters(f.workdir, f.output, which=f.checkpoint)

@@ -21,8 +21,8 @@ on a 2-core CPU; the README's figure (2 epochs, 3 rates, 11 measurements per epo
 from __future__ import annotations
 
 if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden before it loads.
-  import os
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from alexnet_jax import cli as _cli
+  _cli.quiet_tensorflow_logs()
 
 import time
 from typing import Any, Sequence
