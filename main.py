@@ -3,9 +3,12 @@
   python main.py --config=configs/alexnet.py --workdir=runs/alexnet
   python main.py --config=configs/digits.py --workdir=runs/digits
   python main.py --config=configs/alexnet.py --workdir=runs/alexnet --mode=eval
+  python main.py ... --coordinator_address=HOST0:1234 --num_processes=2 --process_id=I  # 2 hosts
 
 Every config field can be overridden on the command line, e.g. --config.batch_size=256.
 Rerunning a training command on the same workdir resumes from its latest checkpoint.
+A run over several hosts runs the same command on each (README: "Many devices, many hosts");
+on Cloud TPU and SLURM the processes find each other by themselves.
 A bad value or a missing path prints one line that says what to fix, and exits with status 2.
 """
 
@@ -18,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from alexnet_jax import cpu
+from alexnet_jax.core import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
@@ -29,6 +33,7 @@ flags.DEFINE_bool('keep_freed_memory', True, 'glibc keeps freed memory for reuse
                   'faults per paper-network step; resident memory then stays at its peak.')
 config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+distributed.define_flags()
 
 
 def main(argv):
@@ -36,6 +41,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.keep_freed_memory:
     cpu.keep_freed_memory()
+  # Before JAX lists its devices: a run over several processes sees all of theirs.
+  distributed.initialize_from_flags()
   # Imported only now: the allocator setting must precede the threads JAX and TensorFlow start.
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
   cli.setup_tensorflow()

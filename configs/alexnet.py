@@ -119,4 +119,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_train_steps = -1  # >0 stops after this many steps (tests, benchmarks).
   c.num_eval_steps = -1  # >0 evaluates only this many batches (tests).
+
+  # ---- Feeding the devices, profiling (not in the paper) ----
+  # Batches placed on the devices ahead of the step that uses them (steps.device_batches):
+  # their host-to-device copies overlap the running step. 0 copies each batch when it is due.
+  c.device_prefetch = 2
+  # >0 writes a JAX profiler trace of this many steps to workdir/profile, starting
+  # profile_after_steps steps after the run starts or resumes (after compilation and warm-up).
+  c.profile_steps = 0
+  c.profile_after_steps = 5
   return c

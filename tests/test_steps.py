@@ -32,7 +32,8 @@ def _train(config, batches, num_devices):
   p_train = steps.pmapped_train_step(model, tx, devices)
   history = []
   for batch in batches:
-    rstate, m = p_train(rstate, steps.shard(batch, num_devices), np.float32(0.01))
+    rstate, m, _ = p_train(rstate, steps.shard(batch, num_devices), np.float32(0.01),
+                           np.int32(0))
     history.append(steps.unreplicate(m))
   return steps.unreplicate(rstate), history
 

@@ -142,7 +142,8 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
   lr = np.float32(config.learning_rate)
 
   def step():
-    holder['state'], m = p_train(holder['state'], {'image': images, 'label': labels}, lr)
+    holder['state'], m, _ = p_train(holder['state'], {'image': images, 'label': labels}, lr,
+                                    np.int32(0))
     return m
 
   first, median = _time(step, steps_, warmup)
@@ -210,10 +211,12 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
   with tempfile.TemporaryDirectory() as workdir:
     mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
     it = input_pipeline.train_iterator(config, mean=mean)
+    # Fed as training feeds it: config.device_prefetch batches placed on the devices ahead.
+    batches = steps.device_batches(it, config.device_prefetch, devices)
     holder = {'state': rstate}
 
     def step():
-      holder['state'], m = p_train(holder['state'], steps.shard(next(it), num_devices), lr)
+      holder['state'], m, _ = p_train(holder['state'], next(batches), lr, np.int32(0))
       return m
 
     try:
@@ -222,7 +225,8 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
       it.close()
   return {'measurement': 'loop', 'train_images_per_sec': config.batch_size / median,
           'step_ms': median * 1e3, 'compile_s': max(first - median, 0.0),
-          'devices': num_devices, 'batch_size': config.batch_size, 'dtype': config.dtype}
+          'devices': num_devices, 'batch_size': config.batch_size, 'dtype': config.dtype,
+          'device_prefetch': config.device_prefetch}
 
 
 def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]:
@@ -341,6 +345,11 @@ def main(argv) -> None:
   if FLAGS.peer and not os.path.isfile(FLAGS.peer):
     raise UserError(f'--peer={FLAGS.peer}: no such file; pass the path of '
                     'peer_torch_alexnet.py')
+  if not {'pipeline', 'loop'} & set(FLAGS.what):
+    # The steps are measured on data made on the device: no dataset is read, and none of
+    # TensorFlow, tensorflow-datasets or scikit-learn is imported (an accelerator image
+    # without them can run this).
+    config.dataset = 'synthetic'
   # Before any work; also checks that the batch divides over --devices.
   config_lib.validate(config, num_devices=FLAGS.devices)
   kernels = kernels_lib.resolve(config)

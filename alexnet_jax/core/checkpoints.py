@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -44,6 +45,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, schedule: Any,
     metrics = {BEST_METRIC: float(eval_metrics[BEST_METRIC])}
   if step in manager.all_steps():
     return  # Saved already (e.g. a signal right after a periodic save).
+  # Host NumPy arrays, the same on every process: with several processes Orbax writes them once
+  # (a jax.Array on one device would count as a process-local shard it cannot save).
+  state, schedule = jax.tree_util.tree_map(np.asarray, (state, schedule))
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), schedule=ocp.args.StandardSave(schedule),
       meta=ocp.args.JsonSave(meta)), metrics=metrics)

@@ -182,6 +182,10 @@ SCHEMA: dict[str, Field] = {
     'keep_checkpoints': _int(1),
     'num_train_steps': _int(-1),
     'num_eval_steps': _int(-1),
+    # Feeding the devices and profiling (runs before these fields had no prefetch or profile).
+    'device_prefetch': _int(0, legacy=0),
+    'profile_steps': _int(0, legacy=0),
+    'profile_after_steps': _int(0, legacy=5),
 }
 
 
@@ -231,7 +235,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 def _is_registered_tfds(name: str) -> bool:
   """Whether `name` (optionally name:version or name/config) is a builder that the installed
   tensorflow-datasets registers. Unlike tfds.list_builders(), asks no community index online."""
-  from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
+  try:
+    from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError(f'config.dataset={name!r} is read with tensorflow-datasets, which is not '
+                      'installed here (pip install -r requirements.txt)') from None
   base = name.split(':')[0].split('/')[0]
   return base in registered.list_imported_builders()
 

@@ -8,7 +8,8 @@ batch when each device holds the same number of examples.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+from typing import Any, Callable, Iterable, Iterator
 
 import flax
 import flax.linen as nn
@@ -107,9 +108,20 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
 
 def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
                        devices: list | None = None) -> Callable:
-  """train_step mapped over `devices` (default: all local ones); the state is donated."""
-  return jax.pmap(lambda s, b, lr: train_step(s, b, lr, model=model, tx=tx),
-                  axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+  """train_step mapped over `devices` (default: all local ones); the state is donated.
+
+  (state, batch, learning_rate, stop) -> (state, metrics, stop_votes): `stop` is this process's
+  wish to stop (0 or 1, from a signal), and `stop_votes` its sum over every device of every
+  process. All processes read the same votes, so they agree on where to stop (`train.py`)
+  through the step's own collective, with no extra synchronisation.
+  """
+
+  def step(state, batch, learning_rate, stop):
+    state, step_metrics = train_step(state, batch, learning_rate, model=model, tx=tx)
+    return state, step_metrics, lax.psum(stop, AXIS)
+
+  return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
+                  devices=devices)
 
 
 def pmapped_eval_step(model: nn.Module, devices: list | None = None) -> Callable:
@@ -124,11 +136,16 @@ def pmapped_probabilities(model: nn.Module, devices: list | None = None) -> Call
                   devices=devices)
 
 
+def _device_axis(devices: list) -> jax.sharding.NamedSharding:
+  """Arrays [len(devices), ...] with row i on devices[i]: what pmap takes without a copy."""
+  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                    jax.sharding.PartitionSpec(AXIS))
+
+
 def replicate(tree: Any, devices: list | None = None) -> Any:
   """Copies a pytree to every device (default: local ones), with a leading device axis."""
   devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  sharding = _device_axis(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
@@ -148,3 +165,23 @@ def shard(batch: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.nd
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
   return jax.tree_util.tree_map(split, batch)
+
+
+def device_batches(host_batches: Iterable[dict[str, np.ndarray]], ahead: int = 2,
+                   devices: list | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Host batches [B, ...], `shard`ed and placed on `devices` (default: local ones) `ahead`
+  batches before the step that uses them.
+
+  `jax.device_put` returns at once and copies in the background, so while the device runs step
+  t the next `ahead` batches travel to it; the step then never waits for a host-to-device copy
+  unless the input pipeline itself is slower. ahead=0 places each batch when it is asked for.
+  """
+  devices = devices or jax.local_devices()
+  sharding = _device_axis(devices)
+  queue = collections.deque()
+  for batch in host_batches:
+    queue.append(jax.device_put(shard(batch, len(devices)), sharding))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -9,6 +9,7 @@ batches an uninterrupted run would see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from alexnet_jax.cli import one_line
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import evaluation
@@ -32,6 +34,7 @@ from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
 from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.data import stats as data_stats
+from alexnet_jax.errors import RunError
 from alexnet_jax.errors import TrainingDivergedError
 
 
@@ -104,6 +107,50 @@ class _PendingMetrics:
     self.check()
     out, self.checked = self.checked, []
     return out
+
+
+@contextlib.contextmanager
+def _collective_errors():
+  """In a run of several processes, a failed collective means another process is gone: say so
+  in one line instead of XLA's runtime error."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    raise RunError(
+        f'Process {jax.process_index()} of {jax.process_count()} lost the other processes: '
+        f'{one_line(e)[:300]}. Another process of the run probably stopped or was killed (see '
+        'its log). Rerun the command on every host to resume from the last checkpoint.') from e
+
+
+class _Profile:
+  """A JAX profiler trace of config.profile_steps steps, config.profile_after_steps steps after
+  the run (re)starts, into workdir/profile (TensorBoard's profile plugin, or Perfetto for the
+  perfetto_trace.json.gz next to it)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, start_step: int):
+    self.first = start_step + config.profile_after_steps if config.profile_steps > 0 else None
+    self.last = self.first + config.profile_steps if self.first is not None else None
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, outputs: Any) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(outputs)  # The traced steps end inside the trace.
+      self.close()
+      logging.info('Profile of steps %d..%d written to %s', self.first + 1, self.last,
+                   self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -187,12 +234,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start_step
   train_iter: Iterator = input_pipeline.train_iterator(config, start_step=start_step,
                                                        mean=mean)
+  batches = steps.device_batches(train_iter, config.device_prefetch)
+  profile = _Profile(config, workdir, start_step)
   window_start, window_steps = time.time(), 0
+  votes = None  # stop votes of the step before the one just dispatched
   try:
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _collective_errors():
       while step < total_steps:
-        batch = steps.shard(next(train_iter))
-        rstate, step_metrics = p_train(rstate, batch, np.float32(lr.value(step)))
+        profile.before(step)
+        rstate, step_metrics, new_votes = p_train(rstate, next(batches),
+                                                  np.float32(lr.value(step)),
+                                                  np.int32(stop.signal is not None))
         if step == start_step:
           jax.block_until_ready(step_metrics)
           logging.info('First step (compilation included) took %.1f s', time.time() - window_start)
@@ -201,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           window_steps += 1
         step += 1
         pending.add(step, step_metrics)
+        profile.after(step, step_metrics)
+        # Every process reads the same votes of step - 1 (waiting for that step, not this one,
+        # so the device stays busy), hence all stop after this same step.
+        stopping = votes is not None and int(np.asarray(votes.addressable_shards[0].data)[0])
+        votes = new_votes
 
         if step % config.log_every_steps == 0 or step == total_steps:
           history = pending.take()
@@ -229,13 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save(step, last_eval if did_eval else None)
           saved = True
         window_start += time.time() - paused
-        if stop.signal is not None:
+        if stopping:
           if not saved:
             save(step)
-          logging.warning('Stopped at step %d on request; rerun the same command to resume.',
-                          step)
+          logging.warning('Stopped at step %d on request%s; rerun the same command to resume.',
+                          step, ' (agreed by all %d processes)' % jax.process_count()
+                          if jax.process_count() > 1 else '')
           break
   finally:
+    profile.close()
     # Close the tf.data iterator explicitly: left to interpreter shutdown, its teardown measured
     # 35 s after a 20-epoch digits run.
     train_iter.close()
