@@ -119,10 +119,7 @@ def write_json(path: str, data: Any, indent: int = 2) -> None:
   run of several processes, process 0 writes it (every process holds the same result)."""
   import json  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import paths  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=indent)
-  os.replace(path + '.tmp', path)
+  paths.write_atomic(path, json.dumps(data, indent=indent))

@@ -65,3 +65,32 @@ def test_peer_runs_under_each_allocator_setting(tmp_path):
   # The like-for-like run gives the peer our settings; the default one leaves its environment.
   assert [r['arena_max'] for r in results[2:]] == ['1', '1']
   assert results[0]['arena_max'] == os.environ.get('MALLOC_ARENA_MAX')
+
+
+_WITHOUT_TENSORFLOW = """
+import runpy, sys
+
+class Blocked:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'sklearn'):
+      raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = ['benchmark'] + sys.argv[1:]
+try:
+  runpy.run_module('alexnet_jax.bench.benchmark', run_name='__main__')
+finally:
+  loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'sklearn'))
+  print('LOADED', loaded)
+"""
+
+
+def test_the_train_step_benchmark_runs_without_tensorflow(tmp_path):
+  """An accelerator image with JAX but no TensorFlow, tfds or scikit-learn measures the step."""
+  cmd = [sys.executable, '-c', _WITHOUT_TENSORFLOW, '--config=configs/tiny.py', '--what=train',
+         '--steps=1', '--warmup=0', '--batch_size=8', '--json']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert records[0]['measurement'] == 'train' and records[0]['train_images_per_sec'] > 0
+  assert 'LOADED []' in proc.stdout

@@ -112,3 +112,26 @@ def test_eval_step_counts_only_masked_examples_and_averages_ten_crops(ten_crop):
   assert out['top5_errors'] == (top5 & mask).sum()
   nll = -np.log(probs[np.arange(b), labels])
   assert out['loss'] == pytest.approx((nll * mask).sum(), rel=1e-5)
+
+
+@pytest.mark.parametrize('ahead', [0, 2])
+def test_device_batches_are_the_host_batches_placed_ahead_of_use(ahead):
+  devices = jax.local_devices()[:4]
+  host = _batches(5, 8, size=4)
+  pulled = []
+
+  def source():
+    for batch in host:
+      pulled.append(1)
+      yield batch
+
+  out = []
+  for k, batch in enumerate(steps.device_batches(source(), ahead, devices)):
+    # When batch k is handed over, the next `ahead` are already on their way to the devices.
+    assert len(pulled) == min(k + 1 + ahead, len(host))
+    assert [s.device for s in batch['image'].addressable_shards] == devices
+    out.append(batch)
+  assert len(out) == len(host)
+  for placed, batch in zip(out, host):
+    for key in batch:
+      np.testing.assert_array_equal(np.asarray(placed[key]), steps.shard(batch, 4)[key])

@@ -146,3 +146,13 @@ def test_bad_config_values_stop_before_any_work(tmp_path, field, value, message)
   with pytest.raises(errors.ConfigError, match=f'config.{field}=.*{message}'):
     train.train_and_evaluate(_config(**{field: value}), str(workdir))
   assert not os.path.exists(workdir)
+
+
+def test_profile_steps_write_a_trace_for_tensorboard_and_perfetto(tmp_path):
+  config = _config(num_train_steps=3, profile_steps=1, profile_after_steps=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = list((tmp_path / 'profile' / 'plugins' / 'profile').iterdir())
+  assert len(traces) == 1  # One trace, of steps 2..2.
+  names = {p.name for p in traces[0].iterdir()}
+  assert any(n.endswith('.xplane.pb') for n in names), names  # TensorBoard's profile plugin
+  assert 'perfetto_trace.json.gz' in names  # ui.perfetto.dev

@@ -9,7 +9,6 @@ a crash mid-save never leaves a half-written "latest" checkpoint.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -17,11 +16,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from alexnet_jax import paths
+
 BEST_METRIC = 'eval/top1_error'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return str(paths.resolve(workdir) / 'checkpoints')
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from alexnet_jax import paths
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -73,16 +74,23 @@ class MetricWriter:
   metrics.jsonl holds one JSON object per line: {"step": N, "train/loss": ..., ...}.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._lines: list[str] = []  # all lines, where the file is rewritten (cloud storage)
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      workdir = paths.resolve(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._path = workdir / 'metrics.jsonl'
+      if paths.is_url(workdir):  # Object stores cannot append: the file is rewritten whole.
+        self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+      else:
+        self._jsonl = self._path.open('a', encoding='utf-8')
       try:
-        from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-        self._tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        if tensorboard:
+          from flax.metrics import tensorboard as tb  # pylint: disable=g-import-not-at-top
+          self._tb = tb.SummaryWriter(str(workdir / 'tensorboard'))  # tf.io.gfile: URLs too
       except ImportError:  # TensorBoard is optional; metrics.jsonl always works.
         self._tb = None
 
@@ -96,8 +104,13 @@ class MetricWriter:
       if self._tb is not None:
         self._tb.scalar(key, value, int(step))
     record['time'] = time.time()
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    line = json.dumps(record) + '\n'
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      paths.write_atomic(self._path, ''.join(self._lines))
 
   def close(self) -> None:
     if self._tb is not None:
@@ -108,5 +121,5 @@ class MetricWriter:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file back into a list of dicts."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = paths.resolve(path).read_text(encoding='utf-8')
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

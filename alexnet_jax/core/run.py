@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from alexnet_jax import paths
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import optim
@@ -29,33 +29,26 @@ CONFIG_FILENAME = 'config.json'
 CLASSES_FILENAME = 'classes.json'  # class name -> label
 
 
-def _atomic_write(path: str, text: str) -> None:
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-
-
 # ---------------------------------------------------------------------------- training writes
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, kernels: Kernels) -> None:
   """config.json: the config's fields and the kernels the run resolved."""
-  _atomic_write(os.path.join(workdir, CONFIG_FILENAME),
-                config_lib.to_json(config, resolved_kernels=kernels.as_dict()))
+  paths.write_atomic(paths.resolve(workdir) / CONFIG_FILENAME,
+                     config_lib.to_json(config, resolved_kernels=kernels.as_dict()))
 
 
 def record_classes(workdir: str, class_names: tuple[str, ...], is_writer: bool = True) -> None:
   """Saves class name -> label; refuses a workdir whose saved classes differ (the labels of
   its checkpoints would change meaning)."""
-  path = os.path.join(workdir, CLASSES_FILENAME)
+  path = paths.resolve(workdir) / CLASSES_FILENAME
   mapping = {name: label for label, name in enumerate(class_names)}
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      if json.load(f) != mapping:
-        raise DataError(f'The classes of this dataset differ from {path}, which an earlier run '
-                        'wrote: the labels would change meaning. Use a new workdir.')
+  if path.exists():
+    if json.loads(path.read_text(encoding='utf-8')) != mapping:
+      raise DataError(f'The classes of this dataset differ from {path}, which an earlier run '
+                      'wrote: the labels would change meaning. Use a new workdir.')
   elif is_writer:
-    _atomic_write(path, json.dumps(mapping, indent=0))
+    paths.write_atomic(path, json.dumps(mapping, indent=0))
 
 
 # ---------------------------------------------------------------------------- reading a run
@@ -67,16 +60,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-  workdir = os.path.expanduser(workdir)
-  if not os.path.isdir(workdir):
+  workdir = paths.resolve(workdir)
+  if not workdir.is_dir():
     raise RunError(f'{workdir} is not a directory: pass the workdir of a trained run '
                    '(`python main.py --config=... --workdir=...` makes one).')
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  if not os.path.exists(path):
+  path = workdir / CONFIG_FILENAME
+  if not path.exists():
     raise RunError(f'{path} does not exist: {workdir} is not the workdir of a run (train one '
                    'with `python main.py --config=... --workdir=...`).')
-  with open(path, encoding='utf-8') as f:
-    return config_lib.from_json(f.read(), path)
+  return config_lib.from_json(path.read_text(encoding='utf-8'), str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +89,11 @@ class Run:
 
   def class_names(self) -> list[str]:
     """Names of the labels 0..C-1, from classes.json."""
-    path = os.path.join(self.workdir, CLASSES_FILENAME)
-    if not os.path.exists(path):
+    path = paths.resolve(self.workdir) / CLASSES_FILENAME
+    if not path.exists():
       raise RunError(f'{path} does not exist: the run in {self.workdir} never read its data. '
                      'Train it with `python main.py --config=... --workdir=...`.')
-    with open(path, encoding='utf-8') as f:
-      mapping = json.load(f)
+    mapping = json.loads(path.read_text(encoding='utf-8'))
     names = [''] * len(mapping)
     for name, label in mapping.items():
       names[int(label)] = name
@@ -128,7 +119,7 @@ class Run:
 
 def open_run(workdir: str) -> Run:
   """The run in `workdir`, read-only: config, class names, statistics and checkpoints."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = str(paths.resolve(workdir))
   config, records = _read_config(workdir)
   return Run(workdir=workdir, config=config, resolved_kernels=records.get('resolved_kernels'))
 
@@ -139,7 +130,7 @@ def restore(workdir: str, config: ml_collections.ConfigDict, *, which: str = 'be
   if which not in ('best', 'latest'):
     raise ValueError(f"which={which!r}: choose 'best' or 'latest'")
   directory = checkpoints.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.resolve(directory).is_dir():
     raise RunError(f'No checkpoints in {workdir}: train first with '
                    f'`python main.py --config=... --workdir={workdir}`')
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from alexnet_jax import paths
 from alexnet_jax.cli import one_line
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import config as config_lib
@@ -132,7 +132,7 @@ class _Profile:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, start_step: int):
     self.first = start_step + config.profile_after_steps if config.profile_steps > 0 else None
     self.last = self.first + config.profile_steps if self.first is not None else None
-    self.directory = os.path.join(workdir, 'profile')
+    self.directory = str(paths.resolve(workdir) / 'profile')
     self.active = False
 
   def before(self, step: int) -> None:
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the last evaluation's metrics.
   """
   kernels = prepare(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = str(paths.resolve(workdir))
   is_main = jax.process_index() == 0
   info = input_pipeline.get_dataset_info(config)  # Checks the classes fit num_classes.
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)  # Checks one batch fits.
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  else int(config.num_epochs * steps_per_epoch))
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else max(1, int(config.eval_every_epochs * steps_per_epoch)))
-  os.makedirs(workdir, exist_ok=True)
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   # Classes first: a workdir of other classes is refused before its config is overwritten.
   run_lib.record_classes(workdir, info.class_names, is_writer=is_main)
   if is_main:
@@ -323,9 +323,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   result['step'] = restored.step
   crops = 'ten_crop' if config.ten_crop_eval else 'center_crop'
   if jax.process_index() == 0:
-    path = os.path.join(run.workdir, f'eval_{config.eval_split}_{crops}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=2)
+    paths.write_atomic(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json',
+                       json.dumps(result, indent=2))
   logging.info('step %d, %s, %s: top-1 error %.2f%%, top-5 error %.2f%% over %d examples',
                restored.step, config.eval_split, crops, 100 * result['eval/top1_error'],
                100 * result['eval/top5_error'], result['eval/num_examples'])

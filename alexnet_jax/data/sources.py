@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import paths
 from alexnet_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # 'folder' source, compared case-insensitively.
@@ -129,15 +130,15 @@ def _decoder(config) -> Callable[[tf.Tensor], tf.Tensor]:
 
 
 def _data_dir(config) -> str | None:
-  return os.path.expanduser(config.data_dir) if config.data_dir else None
+  return str(paths.resolve(config.data_dir)) if config.data_dir else None
 
 
 def _check_imagenet_manual_files(builder, config) -> None:
   """Raises `DataError` naming the ImageNet tar files and where TFDS expects them."""
-  root = _data_dir(config) or os.path.expanduser(
-      os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
-  manual_dir = os.path.join(root, 'downloads', 'manual')
-  missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.exists(os.path.join(manual_dir, f))]
+  root = _data_dir(config) or str(paths.resolve(
+      os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')))
+  manual_dir = paths.resolve(root) / 'downloads' / 'manual'
+  missing = [f for f in IMAGENET_MANUAL_FILES if not (manual_dir / f).exists()]
   if missing:
     raise DataError(
         f'{builder.name} is not prepared in {root} and the manual-download files '
@@ -209,8 +210,8 @@ def _tfds_in_memory(name: str, data_dir: str | None, split: str) -> tuple[np.nda
 
 
 def _split_dir(config, split: str) -> str:
-  path = os.path.join(_data_dir(config) or '', split)
-  if not config.data_dir or not os.path.isdir(path):
+  path = str(paths.resolve(_data_dir(config) or '.') / split)
+  if not config.data_dir or not paths.resolve(path).is_dir():
     raise DataError(f"dataset='folder' expects images in <data_dir>/{split}/<class>/*.jpg; "
                     f'{path!r} is not a directory (--config.data_dir={config.data_dir!r}).')
   return path
@@ -219,11 +220,11 @@ def _split_dir(config, split: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _list_folder(split_dir: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
   """(class folder names, sorted (path, class name) pairs) of one split folder."""
-  classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+  classes = tuple(sorted(p.name for p in paths.resolve(split_dir).iterdir() if p.is_dir()))
   files = []
   for name in classes:
-    for root, _, filenames in os.walk(os.path.join(split_dir, name)):
-      files.extend((os.path.join(root, f), name) for f in filenames
+    for root, _, filenames in (paths.resolve(split_dir) / name).walk():
+      files.extend((str(root / f), name) for f in filenames
                    if f.lower().endswith(IMAGE_EXTENSIONS))
   files.sort()
   if not files:

@@ -19,8 +19,7 @@ if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden befo
   from alexnet_jax import cli as _cli
   _cli.quiet_tensorflow_logs()
 
-import os
-import tempfile
+import io
 import time
 
 from absl import logging
@@ -28,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import cli
+from alexnet_jax import paths
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources as data_sources
 from alexnet_jax.errors import RunError
@@ -111,16 +111,14 @@ def compute_stats(config, num_images: int | None = None) -> dict[str, np.ndarray
 
 def save_stats(path: str, stats: dict[str, np.ndarray]) -> None:
   """Writes `stats` to `path` atomically (a reader never sees a half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix='.npz', delete=False) as f:
-    np.savez(f, **stats)
-  os.replace(f.name, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **stats)
+  paths.write_atomic(path, buffer.getvalue())
 
 
 def load_stats(path: str) -> dict[str, np.ndarray]:
   """The arrays of a statistics .npz (as written by `save_stats`)."""
-  with np.load(os.path.expanduser(path)) as data:
+  with np.load(io.BytesIO(paths.resolve(path).read_bytes())) as data:
     return {k: data[k] for k in data.files}
 
 
@@ -168,8 +166,8 @@ def training_stats(config, workdir: str, is_writer: bool = True
     return None
   if config.stats_file:
     return load_stats(config.stats_file)
-  path = os.path.join(workdir, STATS_FILENAME)
-  if os.path.exists(path):
+  path = paths.resolve(workdir) / STATS_FILENAME
+  if path.exists():
     stats = load_stats(path)
     if _matches(stats, config):
       logging.info('Using the data statistics in %s.', path)
@@ -196,8 +194,8 @@ def saved_stats(config, workdir: str) -> dict[str, np.ndarray] | None:
   """
   if not needs_stats(config):
     return None
-  path = config.stats_file or os.path.join(workdir, STATS_FILENAME)
-  if not os.path.exists(os.path.expanduser(path)):
+  path = paths.resolve(config.stats_file or paths.resolve(workdir) / STATS_FILENAME)
+  if not path.exists():
     raise RunError(f'{path} does not exist: the run\'s data statistics (its mean) are missing. '
                    f'Recompute them with `python -m alexnet_jax.data.stats --workdir={workdir}`.')
   return load_stats(path)
@@ -230,7 +228,7 @@ def main(argv) -> None:
     raise app.UsageError('Give either --config=FILE or --workdir=RUN.')
   if f.workdir:
     config = run_lib.read_config(f.workdir)
-    output = f.output or os.path.join(f.workdir, STATS_FILENAME)
+    output = f.output or str(paths.resolve(f.workdir) / STATS_FILENAME)
   else:
     config, output = f.config, f.output or 'stats.npz'
   from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
