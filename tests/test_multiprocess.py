@@ -15,7 +15,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import run as run_lib
@@ -90,75 +89,76 @@ def _params(workdir):
   return run_lib.open_run(workdir).restore('latest').params
 
 
-def _eval_records(workdir):
+def _records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    records = [json.loads(line) for line in f]
-  return [{k: v for k, v in r.items() if k != 'time'} for r in records if 'eval/loss' in r]
+    return [{k: v for k, v in json.loads(line).items() if k != 'time'} for line in f]
 
 
-def test_two_processes_train_and_evaluate_like_one(tmp_path):
-  one, two = tmp_path / 'one', tmp_path / 'two'
-  with _Processes(tmp_path, one, 1) as group:
-    _check_ok(group)
-  with _Processes(tmp_path, two, 2) as group:
-    _check_ok(group)
+def _stopped_at(log: str) -> int:
+  line = next(l for l in log.splitlines() if 'Stopped at step' in l)
+  return int(line.split('Stopped at step ')[1].split()[0])
+
+
+def test_two_processes_stop_together_and_train_and_evaluate_like_one(tmp_path):
+  two, one = tmp_path / 'two', tmp_path / 'one'
+  # 2 processes x 2 devices, until SIGTERM reaches one of them (a preempted host): both stop
+  # after the same step and save one checkpoint there.
+  long_run = ['--config.num_train_steps=1000000', '--config.eval_every_steps=1000000']
+  with _Processes(tmp_path, two, 2, *long_run) as group:
+    group.wait_for(1, 'First step')
     assert 'Process 1 of 2: 2 local devices of 4 in all' in group.log(1)
-  # The same global batches, dropout masks (folded with the global device index), pmean and
-  # learning rate: the same parameters up to float32 summation order.
-  a, b = _params(one), _params(two)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  # Process 0 alone wrote the metrics; its evaluation counted every example once.
-  assert _eval_records(one) == _eval_records(two)
-  assert _eval_records(two)[-1]['eval/num_examples'] == 128
+    group.procs[1].send_signal(signal.SIGTERM)
+    _check_ok(group)
+    steps = [_stopped_at(group.log(i)) for i in range(2)]
+  assert steps[0] == steps[1] >= 2, steps
+  stopped = steps[0]
+  manager = checkpoints.create_manager(str(two), 2, read_only=True)
+  try:
+    assert manager.all_steps() == [stopped]
+  finally:
+    manager.close()
+
+  # 1 process x 4 devices for as many steps: the same global batches, dropout masks (folded
+  # with the global device index), pmean and learning rate, hence the same parameters up to
+  # float32 summation order.
+  with _Processes(tmp_path, one, 1, f'--config.num_train_steps={stopped}') as group:
+    _check_ok(group)
+  # Round-off: 3e-7 of each tensor's norm after 4 steps, 2e-5 after 5 (a max-pool tie on the
+  # digits' flat background broken the other way); a batch or dropout mask out of place would
+  # differ by percents.
+  for x, y in zip(jax.tree_util.tree_leaves(_params(one)), jax.tree_util.tree_leaves(
+      _params(two))):
+    assert np.linalg.norm(x - y) <= 1e-4 * np.linalg.norm(x), (stopped, np.linalg.norm(x - y))
+  # Process 0 alone wrote the metrics, once per step.
+  logged = [r['step'] for r in _records(two) if 'train/loss' in r]
+  assert logged == list(range(1, stopped + 1))
 
   # --mode=eval in 2 processes of the checkpoint the 1-process run evaluated at its last step:
-  # the same counts and errors.
+  # the same counts and errors (every example counted once over the processes).
   with _Processes(tmp_path, one, 2, '--mode=eval', '--checkpoint=latest') as group:
     _check_ok(group)
   with open(one / 'eval_test_center_crop.json', encoding='utf-8') as f:
     result = json.load(f)
-  assert result.pop('step') == 4
-  assert result == {k: v for k, v in _eval_records(one)[-1].items() if k != 'step'}
+  assert result.pop('step') == stopped
+  last_eval = [r for r in _records(one) if 'eval/loss' in r][-1]
+  assert result == {k: v for k, v in last_eval.items() if k != 'step'}
+  assert result['eval/num_examples'] == 128
 
 
-def test_sigterm_on_one_process_stops_both_after_the_same_step(tmp_path):
-  workdir = tmp_path / 'run'
-  flags = ['--config.num_train_steps=1000000', '--config.eval_every_steps=1000000',
-           '--config.log_every_steps=100']
-  with _Processes(tmp_path, workdir, 2, *flags) as group:
-    group.wait_for(1, 'First step')
-    group.procs[1].send_signal(signal.SIGTERM)  # One host is preempted.
-    _check_ok(group)
-    stopped = []
-    for i in range(2):
-      line = next(l for l in group.log(i).splitlines() if 'Stopped at step' in l)
-      stopped.append(int(line.split('Stopped at step ')[1].split()[0]))
-  assert stopped[0] == stopped[1], stopped
-  manager = checkpoints.create_manager(str(workdir), 2, read_only=True)
-  try:
-    assert manager.latest_step() == stopped[0]
-  finally:
-    manager.close()
-  assert run_lib.open_run(workdir).restore('latest').step == stopped[0]
-
-
-@pytest.mark.parametrize('killed', [1, 0])
-def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path, killed):
-  workdir = tmp_path / 'run'
+def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+  """Process 1 dies (kill -9) while process 0, which hosts the coordinator, waits for it in the
+  step's all-reduce: the missing heartbeats end process 0 with JAX's message instead of a hang.
+  (The other case, process 0 dying, fails process 1's next collective at once:
+  test_train.py::test_a_failed_collective_says_another_process_is_gone.)"""
   heartbeat_s = 5
   flags = ['--config.num_train_steps=1000000', '--config.eval_every_steps=1000000',
-           '--config.log_every_steps=100', f'--heartbeat_timeout_s={heartbeat_s}']
-  survivor = 1 - killed
-  with _Processes(tmp_path, workdir, 2, *flags) as group:
-    group.wait_for(survivor, 'First step')
-    os.killpg(group.procs[killed].pid, signal.SIGKILL)
+           f'--heartbeat_timeout_s={heartbeat_s}']
+  with _Processes(tmp_path, tmp_path / 'run', 2, *flags) as group:
+    group.wait_for(0, 'First step')
+    os.killpg(group.procs[1].pid, signal.SIGKILL)
     t0 = time.time()
-    code = group.procs[survivor].wait(timeout=heartbeat_s + 60)
+    code = group.procs[0].wait(timeout=heartbeat_s + 60)
     waited = time.time() - t0
   assert code != 0
   assert waited < heartbeat_s + 30, waited
-  log = group.log(survivor)
-  # Killed: process 1 (the coordinator in process 0 notices its missing heartbeats) or process
-  # 0 (the collective in process 1 fails at once): either way the survivor says why.
-  assert ('another task died' in log or 'lost the other processes' in log), log[-4000:]
+  assert 'another task died' in group.log(0), group.log(0)[-4000:]
