@@ -1,5 +1,6 @@
-"""A run over several processes, on this machine: 2 processes x 2 simulated CPU devices talking
-through JAX's coordinator and Gloo on 127.0.0.1, against 1 process x 4 devices.
+"""main.py end to end, and a run over several processes on this machine: 2 processes x 2
+simulated CPU devices talking through JAX's coordinator and Gloo on 127.0.0.1, against 1 process
+x 4 devices.
 
 Each case starts `main.py` processes with bounded timeouts and kills whatever is left of them on
 the way out. The ports are free ones the OS hands out.
@@ -15,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import run as run_lib
@@ -123,26 +125,40 @@ def test_two_processes_stop_together_and_train_and_evaluate_like_one(tmp_path):
   # float32 summation order.
   with _Processes(tmp_path, one, 1, f'--config.num_train_steps={stopped}') as group:
     _check_ok(group)
+    assert f'step {stopped}/{stopped}' in group.log(0) and 'eval top-1 error' in group.log(0)
   # Round-off: 3e-7 of each tensor's norm after 4 steps, 2e-5 after 5 (a max-pool tie on the
   # digits' flat background broken the other way); a batch or dropout mask out of place would
   # differ by percents.
   for x, y in zip(jax.tree_util.tree_leaves(_params(one)), jax.tree_util.tree_leaves(
       _params(two))):
     assert np.linalg.norm(x - y) <= 1e-4 * np.linalg.norm(x), (stopped, np.linalg.norm(x - y))
-  # Process 0 alone wrote the metrics, once per step.
-  logged = [r['step'] for r in _records(two) if 'train/loss' in r]
-  assert logged == list(range(1, stopped + 1))
+  # What a run writes (process 0 alone in the 2-process run): metrics once per step, the
+  # config, TensorBoard events, the checkpoint, and an evaluation at the last step.
+  for workdir in (one, two):
+    train_records = [r for r in _records(workdir) if 'train/loss' in r]
+    assert [r['step'] for r in train_records] == list(range(1, stopped + 1))
+    for key in ('train/loss', 'train/top1_error', 'lr', 'train/images_per_sec'):
+      assert key in train_records[-1]
+    assert (workdir / 'config.json').exists() and os.listdir(workdir / 'tensorboard')
+    assert (workdir / 'checkpoints' / str(stopped)).is_dir()
+  last = [r for r in _records(one) if 'eval/loss' in r][-1]
+  # tiny: 2 evaluation batches of 64; errors are counts of those 128 examples, top-5 <= top-1.
+  assert last['step'] == stopped and last['eval/num_examples'] == 128
+  for key in ('eval/top1_error', 'eval/top5_error'):
+    assert last[key] * 128 == pytest.approx(round(last[key] * 128), abs=1e-6)
+  assert last['eval/top5_error'] <= last['eval/top1_error'] and last['eval/loss'] > 0
 
-  # --mode=eval in 2 processes of the checkpoint the 1-process run evaluated at its last step:
-  # the same counts and errors (every example counted once over the processes).
+  # --mode=eval in 2 processes reads back the checkpoint the 1-process run evaluated at its last
+  # step: the same counts and errors (every example counted once over the processes), the loss
+  # up to summation order.
   with _Processes(tmp_path, one, 2, '--mode=eval', '--checkpoint=latest') as group:
     _check_ok(group)
   with open(one / 'eval_test_center_crop.json', encoding='utf-8') as f:
-    result = json.load(f)
-  assert result.pop('step') == stopped
-  last_eval = [r for r in _records(one) if 'eval/loss' in r][-1]
-  assert result == {k: v for k, v in last_eval.items() if k != 'step'}
-  assert result['eval/num_examples'] == 128
+    again = json.load(f)
+  assert again['step'] == stopped
+  for key in ('eval/top1_error', 'eval/top5_error', 'eval/num_examples'):
+    assert again[key] == last[key], key
+  assert again['eval/loss'] == pytest.approx(last['eval/loss'], rel=1e-6)
 
 
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
@@ -151,8 +167,8 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
   (The other case, process 0 dying, fails process 1's next collective at once:
   test_train.py::test_a_failed_collective_says_another_process_is_gone.)"""
   heartbeat_s = 5
-  flags = ['--config.num_train_steps=1000000', '--config.eval_every_steps=1000000',
-           f'--heartbeat_timeout_s={heartbeat_s}']
+  flags = ['--config.dataset=synthetic', '--config.num_train_steps=1000000',
+           '--config.eval_every_steps=1000000', f'--heartbeat_timeout_s={heartbeat_s}']
   with _Processes(tmp_path, tmp_path / 'run', 2, *flags) as group:
     group.wait_for(0, 'First step')
     os.killpg(group.procs[1].pid, signal.SIGKILL)

@@ -1,9 +1,7 @@
-"""The training loop end to end: main.py, resume, signals, divergence and bad configs."""
+"""The training loop: resume, profile, a lost process, divergence and bad configs (main.py end
+to end, signals and several processes: test_multiprocess.py)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -26,52 +24,12 @@ def _config(**overrides):
   return c
 
 
-def _main(workdir, *flags, **popen):
-  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=' + os.path.join(
-      ROOT, 'configs', 'tiny.py'), f'--workdir={workdir}', *flags]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **popen)
-
-
 def _final_params(workdir, config):
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
   _, _, state = steps.initial_state(config)
   restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
   manager.close()
   return restored[0]
-
-
-def test_main_trains_evaluates_and_writes_its_files(tmp_path):
-  proc = _main(tmp_path, '--config.num_train_steps=2')
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
-  assert 'step 2/2' in out and 'eval top-1 error' in out
-  records = metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
-  train_rec = [r for r in records if 'train/loss' in r]
-  eval_rec = [r for r in records if 'eval/top1_error' in r]
-  assert [r['step'] for r in train_rec] == [1, 2]
-  for key in ('train/loss', 'train/top1_error', 'lr', 'train/images_per_sec'):
-    assert key in train_rec[-1]
-  last = eval_rec[-1]
-  # tiny: 2 evaluation batches of 64; errors are counts of those 128 examples, top-5 <= top-1.
-  assert last['step'] == 2 and last['eval/num_examples'] == 128
-  for key in ('eval/top1_error', 'eval/top5_error'):
-    assert last[key] * 128 == pytest.approx(round(last[key] * 128), abs=1e-6)
-  assert last['eval/top5_error'] <= last['eval/top1_error'] and last['eval/loss'] > 0
-  assert (tmp_path / 'config.json').exists()
-  assert os.listdir(tmp_path / 'tensorboard')
-  assert os.path.isdir(tmp_path / 'checkpoints' / '2')
-  # The evaluation-only mode reads the checkpoint back.
-  proc = _main(tmp_path, '--mode=eval', '--checkpoint=latest')
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
-  # Evaluated again in another process from the checkpoint: the training run's numbers exactly.
-  with open(tmp_path / 'eval_test_center_crop.json', encoding='utf-8') as f:
-    again = json.load(f)
-  assert again['step'] == 2
-  for key in ('eval/top1_error', 'eval/top5_error', 'eval/num_examples'):
-    assert again[key] == last[key], key
-  assert again['eval/loss'] == pytest.approx(last['eval/loss'], rel=1e-6)
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):

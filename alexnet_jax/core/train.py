@@ -48,7 +48,9 @@ def prepare(config: ml_collections.ConfigDict) -> kernels_lib.Kernels:
 
 
 class _StopRequest:
-  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop checks between steps."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag that the next step carries to the stop vote
+  (`steps.pmapped_train_step`): in a run of several processes, a signal to any one of them
+  stops all of them after the same step."""
 
   def __init__(self):
     self.signal = None
@@ -67,7 +69,7 @@ class _StopRequest:
     if self.signal is not None:  # A second Ctrl-C: give up at once.
       raise KeyboardInterrupt
     self.signal = signum
-    logging.warning('Received %s: saving a checkpoint and stopping after this step.',
+    logging.warning('Received %s: saving a checkpoint and stopping after the next step.',
                     signal.Signals(signum).name)
 
   def __exit__(self, *exc):
