@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax.core import checkpoints
+from alexnet_jax.core import metrics
 from alexnet_jax.core import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +93,7 @@ def _params(workdir):
 
 
 def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [{k: v for k, v in json.loads(line).items() if k != 'time'} for line in f]
+  return metrics.read_jsonl(workdir / 'metrics.jsonl')
 
 
 def _stopped_at(log: str) -> int:

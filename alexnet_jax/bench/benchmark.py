@@ -116,10 +116,9 @@ def _setup(config: Any, num_devices: int, kernels):
 def _device_images(shape: tuple, devices: list, seed: int = 0):
   """Random images made on the devices, [devices, per-device batch, ...]."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.Mesh(np.array(devices), ('d',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
-  make = jax.jit(lambda k: jax.random.normal(k, shape) * 60.0, out_shardings=sharding)
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  make = jax.jit(lambda k: jax.random.normal(k, shape) * 60.0,
+                 out_shardings=steps.device_axis_sharding(devices))
   return make(jax.random.key(seed))
 
 

@@ -136,7 +136,7 @@ def pmapped_probabilities(model: nn.Module, devices: list | None = None) -> Call
                   devices=devices)
 
 
-def _device_axis(devices: list) -> jax.sharding.NamedSharding:
+def device_axis_sharding(devices: list) -> jax.sharding.NamedSharding:
   """Arrays [len(devices), ...] with row i on devices[i]: what pmap takes without a copy."""
   return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                     jax.sharding.PartitionSpec(AXIS))
@@ -145,7 +145,7 @@ def _device_axis(devices: list) -> jax.sharding.NamedSharding:
 def replicate(tree: Any, devices: list | None = None) -> Any:
   """Copies a pytree to every device (default: local ones), with a leading device axis."""
   devices = devices or jax.local_devices()
-  sharding = _device_axis(devices)
+  sharding = device_axis_sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
@@ -177,7 +177,7 @@ def device_batches(host_batches: Iterable[dict[str, np.ndarray]], ahead: int = 2
   unless the input pipeline itself is slower. ahead=0 places each batch when it is asked for.
   """
   devices = devices or jax.local_devices()
-  sharding = _device_axis(devices)
+  sharding = device_axis_sharding(devices)
   queue = collections.deque()
   for batch in host_batches:
     queue.append(jax.device_put(shard(batch, len(devices)), sharding))

@@ -10,7 +10,6 @@ batches an uninterrupted run would see.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from alexnet_jax import paths
-from alexnet_jax.cli import one_line
+from alexnet_jax import cli
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import evaluation
@@ -122,8 +121,8 @@ def _collective_errors():
       raise
     raise RunError(
         f'Process {jax.process_index()} of {jax.process_count()} lost the other processes: '
-        f'{one_line(e)[:300]}. Another process of the run probably stopped or was killed (see '
-        'its log). Rerun the command on every host to resume from the last checkpoint.') from e
+        f'{cli.one_line(e)[:300]}. Another process of the run probably stopped or was killed '
+        '(see its log). Rerun the command on every host to resume from the last checkpoint.') from e
 
 
 class _Profile:
@@ -324,9 +323,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                                ten_crop=config.ten_crop_eval, mean=run.mean())
   result['step'] = restored.step
   crops = 'ten_crop' if config.ten_crop_eval else 'center_crop'
-  if jax.process_index() == 0:
-    paths.write_atomic(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json',
-                       json.dumps(result, indent=2))
+  cli.write_json(str(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json'),
+                 result)  # (process 0 writes it)
   logging.info('step %d, %s, %s: top-1 error %.2f%%, top-5 error %.2f%% over %d examples',
                restored.step, config.eval_split, crops, 100 * result['eval/top1_error'],
                100 * result['eval/top5_error'], result['eval/num_examples'])
