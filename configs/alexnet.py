@@ -104,6 +104,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.decay_biases = False
   # §5: "divide the learning rate by 10 when the validation error rate stopped improving",
   # three times. 'step' divides at `lr_decay_epochs` instead.
+  # Large batches (not in the paper, which trained at 128): 'sgd' is §5's rule; 'lars' adds
+  # You et al. 2017's layer-wise trust ratio (weights only; biases take the plain step).
+  c.optimizer = 'sgd'
+  c.lars_trust_coefficient = 0.001  # You et al. 2017
+  # >0: Goyal et al. 2017's linear scaling rule, learning_rate * batch_size / lr_reference_batch
+  # (128, the paper's batch, when learning_rate is the paper's 0.01). 0: learning_rate as given.
+  c.lr_reference_batch = 0
+  # Goyal et al. 2017's gradual warm-up: the learning rate rises linearly over warmup_epochs
+  # from warmup_init_lr (None: the unscaled learning_rate, as Goyal et al.) to its scaled value.
+  c.warmup_epochs = 0.0
+  c.warmup_init_lr = ml_collections.config_dict.placeholder(float)
   c.lr_schedule = 'plateau'
   c.lr_decay_factor = 0.1  # §5
   c.lr_decay_epochs = (30, 60, 80)  # for 'step'.
@@ -119,6 +130,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_train_steps = -1  # >0 stops after this many steps (tests, benchmarks).
   c.num_eval_steps = -1  # >0 evaluates only this many batches (tests).
+
+  # ---- Parallelism (alexnet_jax/core/parallel.py, README "Scaling experiments") ----
+  # 'data': pmap data parallelism, the whole network on every device. 'columns': §3.2's split,
+  # each of two devices holding one column (times a data axis over the rest). 'hybrid':
+  # Krizhevsky 2014's "one weird trick", convolutions data-parallel, FC layers split.
+  c.parallelism = 'data'
+  # Devices the FC layers are split over for 'hybrid' (0: all of them); 'columns' always 2.
+  c.model_parallel = 0
 
   # ---- Feeding the devices, profiling (not in the paper) ----
   # Batches placed on the devices ahead of the step that uses them (steps.device_batches):

@@ -126,3 +126,59 @@ def test_biases_keep_their_value_without_gradient():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new['fc6']['bias'], expected_bias, rtol=1e-7)
     np.testing.assert_allclose(new['fc6']['kernel'], 1 - 0.01 * 5e-4, rtol=1e-7)
+
+
+@pytest.mark.parametrize('decay_biases', [False, True])
+def test_lars_follows_you_et_al_layerwise_rule(decay_biases):
+  """You et al. 2017, written out in NumPy: each weight tensor's step is scaled by its trust
+  ratio eta * ||w|| / ||g + wd w||; the bias takes the plain step (decayed only if asked)."""
+  params, grad = _toy_problem()
+  params['kernel'] = params['kernel'] * 0.1  # ||w|| and ||g|| of different sizes
+  config = _config(optimizer='lars', lars_trust_coefficient=0.02, decay_biases=decay_biases)
+  tx = optim.create_optimizer(config)
+  jparams = jax.tree_util.tree_map(jnp.asarray, params)
+  state = tx.init(jparams)
+  w, v = dict(params), {k: np.zeros_like(x) for k, x in params.items()}
+  lrs = [0.5, 0.5, 0.05]
+  for lr in lrs:
+    g = grad(w)
+    for name in w:
+      step = g[name] + (config.weight_decay * w[name]
+                        if name == 'kernel' or decay_biases else 0.0)
+      if name == 'kernel':
+        step = step * (config.lars_trust_coefficient * np.linalg.norm(w[name])
+                       / np.linalg.norm(step))
+      v[name] = config.momentum * v[name] - lr * step
+      w[name] = w[name] + v[name]
+    updates, state = tx.update(jax.tree_util.tree_map(jnp.asarray, grad(
+        jax.tree_util.tree_map(np.asarray, jparams))), optim.with_learning_rate(state, lr),
+        jparams)
+    jparams = optax.apply_updates(jparams, updates)
+  for name in w:
+    np.testing.assert_allclose(np.asarray(jparams[name]), w[name], rtol=2e-5, atol=1e-7)
+  # The trust ratio did something: plain SGD from the same start ends elsewhere.
+  assert not np.allclose(np.asarray(jparams['kernel']),
+                         _sgd_reference(params, grad, lrs, config), rtol=1e-3)
+
+
+def _sgd_reference(params, grad, lrs, config):
+  w, v = params['kernel'].copy(), np.zeros_like(params['kernel'])
+  p = dict(params)
+  for lr in lrs:
+    p['kernel'] = w
+    v = config.momentum * v - lr * (grad(p)['kernel'] + config.weight_decay * w)
+    w = w + v
+  return w
+
+
+@pytest.mark.parametrize('init', [None, 0.0])
+def test_linear_scaling_and_warmup_follow_goyal_et_al(init):
+  """Goyal et al. 2017: batch k x 128 -> learning rate k x 0.01, reached linearly over the
+  warm-up from the unscaled rate (or `warmup_init_lr`), then the step schedule as usual."""
+  config = _config(batch_size=1024, lr_reference_batch=128, warmup_epochs=2.0,
+                   warmup_init_lr=init, lr_schedule='step', lr_decay_epochs=(3,))
+  lr = optim.LearningRate(config, steps_per_epoch=10)
+  peak, start = 0.01 * 8, (0.01 if init is None else init)
+  expected = [start + (peak - start) * s / 20 for s in range(20)] + [peak] * 10 + [peak / 10] * 5
+  np.testing.assert_allclose([lr.value(s) for s in range(35)], expected, rtol=1e-12)
+  assert optim.LearningRate(_config(), 10).value(0) == 0.01  # off by default: §5's rate

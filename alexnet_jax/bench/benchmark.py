@@ -4,7 +4,7 @@
   python -m alexnet_jax.bench.benchmark --what=train,eval,pipeline,loop --json
   python -m alexnet_jax.bench.benchmark --what=layers                     # each layer, both ways
   python -m alexnet_jax.bench.benchmark --config.dtype=bfloat16
-  python -m alexnet_jax.bench.benchmark --cpu_devices=8 --sweep=1,2,4,8  # simulated CPU devices
+  python -m alexnet_jax.bench.benchmark --cpu_devices=8 --devices=8 --config.parallelism=columns
   python -m alexnet_jax.bench.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch
 
 Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
@@ -14,7 +14,8 @@ synthetic data made on the device, so neither decoding nor host-to-device copies
 'loop' adds them back (the input pipeline on real JPEGs feeding the step). The kernels are
 resolved once (`core.kernels`), as training does, printed, and recorded in each train record.
 Benchmarks are commands, not tests: record results in BENCHMARKS.md with the machine and the
-date.
+date. Sweeps over strategies and device counts, with the bytes exchanged and projections, are
+`python -m alexnet_jax.bench.scaling` (it measures each point with `measure_train`).
 """
 
 from __future__ import annotations
@@ -46,10 +47,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('steps', 5, 'Timed repetitions (the median is reported).')
   flags.DEFINE_integer('warmup', 2, 'Untimed repetitions after compilation.')
   flags.DEFINE_integer('devices', 1, 'Devices for the train/eval/loop measurements.')
-  flags.DEFINE_list('sweep', [], 'Device counts for a scaling sweep of the train step, e.g. '
-                    '1,2,4,8 (weak scaling: --batch_size per device).')
   flags.DEFINE_integer('cpu_devices', 0, 'Simulate this many CPU devices (set before JAX '
-                       'starts; for --sweep or --devices > 1 on a CPU).')
+                       'starts; for --devices > 1 on a CPU).')
   flags.DEFINE_string('jpeg_dir', None, 'Folder of JPEGs for pipeline/loop (generated if '
                       'missing or too small; a temporary folder by default).')
   flags.DEFINE_integer('num_jpegs', 512, 'JPEGs to generate for pipeline/loop.')
@@ -101,56 +100,101 @@ def _time(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]
   return first, times[len(times) // 2]
 
 
-def _setup(config: Any, num_devices: int, kernels):
-  """Model, optimizer and replicated state on the first `num_devices` devices."""
+def _devices(num_devices: int) -> list:
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()[:num_devices]
   if len(devices) < num_devices:
     raise UserError(f'--devices={num_devices} but only {len(devices)} are available '
                     '(on a CPU, add --cpu_devices=N)')
+  return devices
+
+
+def _setup(config: Any, num_devices: int, kernels):
+  """Model, optimizer and replicated state on the first `num_devices` devices."""
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  devices = _devices(num_devices)
   model, tx, state = steps.initial_state(config, kernels)
   return model, tx, steps.replicate(state, devices), devices
 
 
-def _device_images(shape: tuple, devices: list, seed: int = 0):
-  """Random images made on the devices, [devices, per-device batch, ...]."""
+def _device_images(shape: tuple, devices: list, seed: int = 0, sharding=None):
+  """Random images made on the devices, [devices, per-device batch, ...] (or `shape` laid out
+  as `sharding`)."""
   import jax  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   make = jax.jit(lambda k: jax.random.normal(k, shape) * 60.0,
-                 out_shardings=steps.device_axis_sharding(devices))
+                 out_shardings=sharding or steps.device_axis_sharding(devices))
   return make(jax.random.key(seed))
+
+
+def peak_memory_bytes(compiled: Any) -> int | None:
+  """Peak bytes one device holds for a compiled step (arguments, results not aliased to them,
+  and temporaries), from XLA's memory analysis; None where the backend gives none."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if isinstance(m, (list, tuple)):
+    m = m[0] if m else None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
 
 
 def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
                   kernels=None) -> dict[str, Any]:
-  """The training step on device-resident synthetic data, with `kernels` (default: resolved
-  for this machine, as training does)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  """The training step of config.parallelism (`core.parallel`) on device-resident synthetic
+  data, with `kernels` (default: resolved for this machine, as training does).
+
+  Also records what the compiled step holds and exchanges: its peak memory per device and the
+  bytes each device sends per step (`bench.collectives`, from the optimised HLO), split into
+  activations (collectives inside the network) and gradients and metrics (the rest).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.bench import collectives as collectives_lib  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   kernels = kernels or kernels_lib.resolve(config)
-  model, tx, rstate, devices = _setup(config, num_devices, kernels)
-  b = config.batch_size
-  images = _device_images((num_devices, b // num_devices, config.image_size, config.image_size,
-                           3), devices)
-  labels = jnp.zeros((num_devices, b // num_devices), jnp.int32)
-  p_train = steps.pmapped_train_step(model, tx, devices)
-  holder = {'state': rstate}
-  lr = np.float32(config.learning_rate)
+  devices = _devices(num_devices)
+  model, tx, host = steps.initial_state(config, kernels)
+  placement = parallel.Placement(config, model, tx, host, kernels, devices)
+  b, size = config.batch_size, config.image_size
+  if placement.mesh is None:
+    images = _device_images((num_devices, b // num_devices, size, size, 3), devices)
+    labels = jax.device_put(np.zeros((num_devices, b // num_devices), np.int32),
+                            steps.device_axis_sharding(devices))
+  else:
+    images = _device_images((b, size, size, 3), devices, sharding=placement.batch_sharding)
+    labels = jax.device_put(np.zeros((b,), np.int32), placement.batch_sharding)
+  batch = {'image': images, 'label': labels}
+  holder = {'state': placement.put_state(host)}
+  lr, stop = np.float32(config.learning_rate), np.int32(0)
+  t0 = time.perf_counter()
+  compiled = placement.train_step.lower(holder['state'], batch, lr, stop).compile()
+  compile_s = time.perf_counter() - t0
+  found = collectives_lib.collectives(compiled.as_text(), num_devices)
 
   def step():
-    holder['state'], m, _ = p_train(holder['state'], {'image': images, 'label': labels}, lr,
-                                    np.int32(0))
+    holder['state'], m, _ = compiled(holder['state'], batch, lr, stop)
     return m
 
-  first, median = _time(step, steps_, warmup)
+  # steps_=0: compiled and counted only (device counts a scaling projection cannot run).
+  median = _time(step, steps_, warmup)[1] if steps_ else None
   flops = 3 * forward_flops(config) * b  # forward + backward (about twice the forward)
-  return {'measurement': 'train', 'train_images_per_sec': b / median, 'step_ms': median * 1e3,
-          'compile_s': max(first - median, 0.0), 'devices': num_devices, 'batch_size': b,
+  m = parallel.model_axis_size(config.parallelism, num_devices, config.model_parallel)
+  return {'measurement': 'train', 'train_images_per_sec': median and b / median,
+          'step_ms': median and median * 1e3,
+          'compile_s': compile_s, 'devices': num_devices, 'batch_size': b,
+          'parallelism': config.parallelism, 'mesh': [num_devices // m, m],
           'dtype': config.dtype, 'model': config.model, 'image_size': config.image_size,
-          'achieved_gflops': flops / median / 1e9, **kernels.as_dict()}
+          'achieved_gflops': median and flops / median / 1e9,
+          'peak_memory_bytes': peak_memory_bytes(compiled),
+          'bytes_sent': collectives_lib.bytes_sent(found),
+          'bytes_sent_activations': collectives_lib.bytes_sent(c for c in found if c.layer),
+          'num_collectives': len(found), **kernels.as_dict()}
 
 
 def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
@@ -384,19 +428,6 @@ def main(argv) -> None:
       _print(results[-1], FLAGS.json)
   if 'layers' in FLAGS.what:
     for r in measure_layers(config.batch_size, FLAGS.steps, FLAGS.warmup):
-      results.append(r)
-      _print(r, FLAGS.json)
-  if FLAGS.sweep:
-    per_device = config.batch_size
-    base = None  # The first count of the sweep is the reference (1 in the usual 1,2,4,8).
-    for n in (int(s) for s in FLAGS.sweep):
-      swept = config.copy_and_resolve_references()
-      swept.batch_size = per_device * n
-      r = measure_train(swept, n, FLAGS.steps, FLAGS.warmup)
-      r['measurement'] = 'sweep'
-      base = base or r['train_images_per_sec']
-      r['speedup'] = r['train_images_per_sec'] / base
-      r['scaling_efficiency'] = r['speedup'] / n
       results.append(r)
       _print(r, FLAGS.json)
 

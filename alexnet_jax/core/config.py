@@ -26,6 +26,9 @@ VARIANTS = ('paper', 'one_column', 'owt', 'small', 'small_one_column')
 ACTIVATIONS = ('relu', 'tanh')
 DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('step', 'plateau')
+OPTIMIZERS = ('sgd', 'lars')
+# How the network and the batch live on the devices (alexnet_jax/core/parallel.py).
+STRATEGIES = ('data', 'columns', 'hybrid')
 LIGHTING_SCALES = ('paper', 'cuda_convnet')
 # Kernel choices (alexnet_jax/core/kernels.py resolves 'auto' once per run).
 COLUMN_IMPLS = ('auto', 'split', 'grouped')
@@ -168,6 +171,12 @@ SCHEMA: dict[str, Field] = {
     'weight_decay': _num(0),
     # Runs before this field decayed the biases too.
     'decay_biases': Field('bool', legacy=True),
+    # Large batches (runs before these fields had plain SGD, no scaling and no warm-up).
+    'optimizer': _choice(*OPTIMIZERS, legacy='sgd'),
+    'lars_trust_coefficient': Field('number', low=0, low_open=True, legacy=0.001),
+    'lr_reference_batch': _int(0, legacy=0),
+    'warmup_epochs': Field('number', low=0, legacy=0.0),
+    'warmup_init_lr': Field('number', low=0, optional=True, legacy=None),
     'lr_schedule': _choice(*LR_SCHEDULES),
     'lr_decay_factor': _num(0, 1, low_open=True),
     'lr_decay_epochs': Field('numbers', low=0),
@@ -182,6 +191,9 @@ SCHEMA: dict[str, Field] = {
     'keep_checkpoints': _int(1),
     'num_train_steps': _int(-1),
     'num_eval_steps': _int(-1),
+    # Parallelism (runs before these fields were data-parallel).
+    'parallelism': _choice(*STRATEGIES, legacy='data'),
+    'model_parallel': _int(0, legacy=0),
     # Feeding the devices and profiling (runs before these fields had no prefetch or profile).
     'device_prefetch': _int(0, legacy=0),
     'profile_steps': _int(0, legacy=0),
@@ -224,6 +236,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config[name] % num_devices:
       raise _fail(name, config[name], f'must divide evenly over the {num_devices} devices '
                   f'(try a multiple of {num_devices})')
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  parallel.check(config, num_devices, jax.process_count())
   if config.dataset == 'folder' and not config.data_dir:
     raise _fail('data_dir', config.data_dir,
                 "dataset 'folder' needs --config.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")

@@ -10,6 +10,12 @@ Variants:
   'small_one_column'  'small' without the column split (the §3.2 ablation on small images).
 
 Layouts are NHWC. Images are expected on the paper's scale: 0..255 pixels minus the mean.
+
+The same modules also run one device's share of the network inside `jax.shard_map`
+(`AlexNet.split`, used by `alexnet_jax/core/parallel.py`): each parameter then has its local
+shape, the slice of the whole network's parameter that this device holds along `model_axis`,
+and the layers exchange activations with JAX collectives over that axis only where the scheme
+needs them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from alexnet_jax.core import kernels as kernels_lib
 from alexnet_jax.core import ops
@@ -27,6 +34,7 @@ from alexnet_jax.core.config import VARIANTS
 from alexnet_jax.core.kernels import Kernels
 
 ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
+SPLITS = ('none', 'columns', 'fc')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -148,6 +156,11 @@ class ColumnConv(nn.Module):
   The kernel is stored as (kh, kw, in_features // columns, features), the layout of a grouped
   convolution, so 'split' and 'grouped' implementations (`kernels.column_impl`) share the
   same parameters.
+
+  With `axis` (inside shard_map), this device computes features / n of the outputs, n the size
+  of `axis`: its slice of the kernel's last dimension. A column-split layer (columns == n)
+  then sees only its own column's input, which is this device's already; `gather_input` first
+  gathers the input channels of all n devices (conv3 of the paper, which sees both columns).
   """
   features: int
   kernel_size: int
@@ -158,17 +171,26 @@ class ColumnConv(nn.Module):
   kernel_init: Callable = nn.initializers.normal(0.01)
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
+  axis: str | None = None
+  gather_input: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.gather_input:
+      x = lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
+    n = lax.axis_size(self.axis) if self.axis else 1
+    if n > 1 and (self.columns not in (1, n) or self.features % n):
+      raise ValueError(f'{self.name}: {self.columns} columns and {self.features} kernels do '
+                       f'not split over {n} devices')
     cin = x.shape[-1]
-    g = self.columns
+    g = self.columns // n if self.columns >= n else self.columns
     if cin % g or self.features % g:
       raise ValueError(f'{self.name}: {cin} input and {self.features} output channels do not '
                        f'split into {g} columns')
+    features = self.features // n
     kernel = self.param('kernel', self.kernel_init,
-                        (self.kernel_size, self.kernel_size, cin // g, self.features), jnp.float32)
-    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+                        (self.kernel_size, self.kernel_size, cin // g, features), jnp.float32)
+    bias = self.param('bias', self.bias_init, (features,), jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     backend = self.kernels.conv_backend
@@ -188,6 +210,46 @@ class ColumnConv(nn.Module):
     # The bias is added in float32 so that its gradient is a float32 sum: in bfloat16, XLA:CPU
     # sums through a slow rounding-safe reduce-window tree. A no-op in float32.
     return (y.astype(jnp.float32) + bias).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A fully connected layer: flax's nn.Dense (same parameters, initialisation and arithmetic),
+  which can also hold one device's slice of the layer inside shard_map.
+
+  The input is flattened to [batch, features] first. With `axis` of size n: `gather` first
+  gathers the input over `axis`, along its last dimension ('features', a split input) or its
+  first ('batch', every device's images); split='outputs' holds features / n output neurons
+  (kernel columns) and returns them; split='inputs' holds the kernel rows of this device's
+  slice of the inputs and returns the whole output, its partial products summed over `axis`
+  (then the bias, whole on every device).
+  """
+  features: int
+  axis: str | None = None
+  split: str = 'outputs'
+  gather: str | None = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.gather is not None:
+      dim = {'features': x.ndim - 1, 'batch': 0}[self.gather]
+      x = lax.all_gather(x, self.axis, axis=dim, tiled=True)
+    x = x.reshape((x.shape[0], -1))
+    n = lax.axis_size(self.axis) if self.axis else 1
+    if self.split not in ('outputs', 'inputs'):
+      raise ValueError(f"Dense.split must be 'outputs' or 'inputs', got {self.split!r}")
+    out = self.features // n if self.split == 'outputs' else self.features
+    if out * n != self.features and self.split == 'outputs':
+      raise ValueError(f'{self.name}: {self.features} outputs do not split over {n} devices')
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], out), jnp.float32)
+    bias = self.param('bias', self.bias_init, (out,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if n > 1 and self.split == 'inputs':
+      y = lax.psum(y, self.axis)
+    return y + bias
 
 
 def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
@@ -213,6 +275,18 @@ class AlexNet(nn.Module):
   the 'intermediates' collection ('conv1_out'..'conv5_out' after the activation, 'pool1',
   'pool2', 'pool5', 'fc6_out', 'fc7_out') when that collection is mutable, as `fc7_features`
   does; otherwise sowing costs nothing.
+
+  `split` runs one device's share inside shard_map, over the mesh axis `model_axis` (n devices):
+    'none'     the whole network (every other use).
+    'columns'  §3.2's two GPUs (n = 2): each device holds one column's kernels of conv1-conv5
+               and half of each fully connected layer. The devices exchange activations only at
+               conv3's input (both columns' conv2 maps) and at the fully connected layers.
+    'fc'       the "one weird trick" (Krizhevsky 2014): the convolutional layers whole on this
+               device's images; before fc6 the n devices gather their images' conv features and
+               each computes its slice of the fully connected layers for all of them.
+  In both, fc6 and fc7 hold output slices (their inputs gathered) and fc8 holds input rows
+  (partial logits summed), and the logits returned are those of every image the n devices
+  share: the caller (`parallel.py`) keeps its own rows.
   """
   variant: str = 'paper'
   num_classes: int = 1000
@@ -231,6 +305,8 @@ class AlexNet(nn.Module):
   bias_init_one: float = 1.0
   dtype: Any = jnp.float32
   kernels: Kernels = Kernels()  # which implementations: see alexnet_jax/core/kernels.py
+  split: str = 'none'
+  model_axis: str = 'model'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -243,14 +319,27 @@ class AlexNet(nn.Module):
     # §3.4: overlapping pooling, z=3 > s=2; the ablation uses the traditional z = s = 2.
     window, stride = (3, 2) if self.overlapping_pool else (2, 2)
 
+    if self.split not in SPLITS:
+      raise ValueError(f'split must be one of {SPLITS}, got {self.split!r}')
     x = x.astype(dtype)
     specs = conv_specs(self.variant)
     # conv1's output feeds conv2's columns half by half: it belongs to them already (§3.2).
     lrn_groups = specs[1].columns if self.lrn_within_columns else 1
+    conv_axis = self.model_axis if self.split == 'columns' else None
+    fc_axis = None if self.split == 'none' else self.model_axis
+    if conv_axis:  # Each device holds one column: its LRN sees only its own channels.
+      if max(s.columns for s in specs) != lax.axis_size(conv_axis) or lrn_groups == 1:
+        raise ValueError(f"split='columns' needs a two-column variant with its LRN within the "
+                         f'columns and {self.model_axis!r} of size 2; got variant '
+                         f'{self.variant!r}, lrn_within_columns={self.lrn_within_columns}')
+      lrn_groups = 1
+    split_channels = False  # whether x holds only this device's column of channels
     for spec in specs:
       x = ColumnConv(spec.features, spec.kernel, spec.stride, spec.padding, spec.columns,
                      kernels=self.kernels, kernel_init=w_init,
-                     bias_init=b_init(spec.bias_one), dtype=dtype, name=spec.name)(x)
+                     bias_init=b_init(spec.bias_one), dtype=dtype, axis=conv_axis,
+                     gather_input=split_channels and spec.columns == 1, name=spec.name)(x)
+      split_channels = conv_axis is not None
       x = act(x)
       self.sow('intermediates', spec.name + '_out', x)
       if spec.lrn and self.lrn:
@@ -263,25 +352,28 @@ class AlexNet(nn.Module):
 
     if self.variant == 'owt':
       x = adaptive_avg_pool(x, 6)
-    x = x.reshape((x.shape[0], -1))
     width = _FC_WIDTHS[self.variant]
     drop = lambda h: nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     for name in ('fc6', 'fc7'):
       if self.variant == 'owt':  # torchvision drops the inputs of fc6 and fc7.
         x = drop(x)
-      x = act(nn.Dense(width, dtype=dtype, kernel_init=w_init, bias_init=b_init(True),
-                       name=name)(x))
+      # Gathered after the dropout: one mask per unit, as on one device. 'fc' gathers the
+      # images of every device before fc6: each computes its neurons for all of them.
+      gather = 'features' if split_channels else ('batch' if fc_axis else None)
+      x = act(Dense(width, axis=fc_axis, gather=gather, dtype=dtype, kernel_init=w_init,
+                    bias_init=b_init(True), name=name)(x))
+      split_channels = fc_axis is not None
       self.sow('intermediates', name + '_out', x)
       if self.variant != 'owt':  # §4.2: dropout on the outputs of the first two FC layers.
         x = drop(x)
-    x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=w_init, bias_init=b_init(False),
-                 name='fc8')(x)
+    x = Dense(self.num_classes, axis=fc_axis, split='inputs', dtype=dtype, kernel_init=w_init,
+              bias_init=b_init(False), name='fc8')(x)
     return x.astype(jnp.float32)
 
 
-def create_model(config: Any, kernels: Kernels | None = None) -> AlexNet:
+def create_model(config: Any, kernels: Kernels | None = None, split: str = 'none') -> AlexNet:
   """The AlexNet that `config` (a validated ConfigDict) describes, computed with `kernels`
-  (default: `kernels.resolve(config)` for JAX's default devices)."""
+  (default: `kernels.resolve(config)` for JAX's default devices); `split` as in AlexNet."""
   if kernels is None:
     kernels = kernels_lib.resolve(config)
   return AlexNet(
@@ -291,7 +383,7 @@ def create_model(config: Any, kernels: Kernels | None = None) -> AlexNet:
       lrn_within_columns=config.lrn_within_columns, overlapping_pool=config.overlapping_pool,
       activation=config.activation, dropout_rate=config.dropout_rate,
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
-      dtype=config.dtype, kernels=kernels)
+      dtype=config.dtype, kernels=kernels, split=split)
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:
@@ -325,5 +417,5 @@ def count_params(params: Any) -> int:
 
 
 __all__: Sequence[str] = (
-    'AlexNet', 'LocalResponseNorm', 'local_response_norm', 'ColumnConv', 'create_model',
+    'AlexNet', 'LocalResponseNorm', 'local_response_norm', 'ColumnConv', 'Dense', 'create_model',
     'init_params', 'fc7_features', 'intermediate_shapes', 'count_params', 'conv_specs')

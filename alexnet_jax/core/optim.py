@@ -39,16 +39,43 @@ def paper_sgd(learning_rate: float, momentum: float, weight_decay: float,
   )
 
 
+def lars(learning_rate: float, momentum: float, weight_decay: float, trust_coefficient: float,
+         decay_biases: bool = False) -> optax.GradientTransformation:
+  """LARS (You et al. 2017), optax's: `paper_sgd` with each weight tensor's step (gradient plus
+  decay) scaled by trust_coefficient * ||w|| / ||g + wd w|| (1 where either norm is 0).
+
+  Biases take the plain step, as in You et al.'s and MLPerf's implementations (a bias's norm
+  says nothing about its scale); they are decayed only with `decay_biases`.
+  """
+  return optax.lars(learning_rate, weight_decay,
+                    weight_decay_mask=True if decay_biases else weights_only,
+                    trust_coefficient=trust_coefficient, trust_ratio_mask=weights_only,
+                    momentum=momentum)
+
+
 def create_optimizer(config: Any) -> optax.GradientTransformation:
-  """`paper_sgd` with the learning rate held in the optimizer state, set each step.
+  """`paper_sgd` (or `lars`) with the learning rate held in the optimizer state, set each step.
 
   The learning rate is a hyper-parameter of the state (optax.inject_hyperparams) so the training
   step can be given the value of whichever schedule runs, including the validation-driven
   plateau schedule that no function of the step count can express.
   """
+  if config.optimizer == 'lars':
+    return optax.inject_hyperparams(lars, static_args=('decay_biases',))(
+        learning_rate=config.learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay, trust_coefficient=config.lars_trust_coefficient,
+        decay_biases=config.decay_biases)
   return optax.inject_hyperparams(paper_sgd, static_args=('decay_biases',))(
       learning_rate=config.learning_rate, momentum=config.momentum,
       weight_decay=config.weight_decay, decay_biases=config.decay_biases)
+
+
+def peak_learning_rate(config: Any) -> float:
+  """config.learning_rate, times batch_size / lr_reference_batch when that is set: Goyal et
+  al. 2017's linear scaling rule (k times the batch, k times the learning rate)."""
+  if config.lr_reference_batch > 0:
+    return config.learning_rate * config.batch_size / config.lr_reference_batch
+  return config.learning_rate
 
 
 def with_learning_rate(opt_state: Any, learning_rate: jnp.ndarray) -> Any:
@@ -79,7 +106,12 @@ class LearningRate:
 
   def __init__(self, config: Any, steps_per_epoch: int):
     self.kind = config.lr_schedule
-    self.base = config.learning_rate
+    self.base = peak_learning_rate(config)
+    # Goyal et al. 2017's gradual warm-up, linear from `warmup_init` to the (scaled) base over
+    # the first `warmup_steps`; the schedule's own factor multiplies it as after warm-up.
+    self.warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    self.warmup_init = (config.learning_rate if config.warmup_init_lr is None
+                        else config.warmup_init_lr)
     self.factor = config.lr_decay_factor
     # 'step': divide by 1/lr_decay_factor at each of lr_decay_epochs. Evaluated on the host
     # every step as a bisect; optax.piecewise_constant_schedule (the same values, tested) would
@@ -90,8 +122,13 @@ class LearningRate:
 
   def value(self, step: int) -> float:
     if self.kind == 'step':
-      return self.base * self.factor ** bisect.bisect_right(self._bounds, step)
-    return self.base * float(self.plateau_state.scale)
+      factor = self.factor ** bisect.bisect_right(self._bounds, step)
+    else:
+      factor = float(self.plateau_state.scale)
+    if step < self.warmup_steps:
+      return factor * (self.warmup_init + (self.base - self.warmup_init) * step
+                       / self.warmup_steps)
+    return self.base * factor
 
   def observe(self, val_error: float) -> None:
     """Feeds one validation error to the plateau schedule (no effect for 'step')."""

@@ -168,19 +168,22 @@ def shard(batch: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.nd
 
 
 def device_batches(host_batches: Iterable[dict[str, np.ndarray]], ahead: int = 2,
-                   devices: list | None = None) -> Iterator[dict[str, jax.Array]]:
+                   devices: list | None = None, put: Callable | None = None
+                   ) -> Iterator[dict[str, jax.Array]]:
   """Host batches [B, ...], `shard`ed and placed on `devices` (default: local ones) `ahead`
-  batches before the step that uses them.
+  batches before the step that uses them; or placed by `put` (a mesh strategy's sharding).
 
   `jax.device_put` returns at once and copies in the background, so while the device runs step
   t the next `ahead` batches travel to it; the step then never waits for a host-to-device copy
   unless the input pipeline itself is slower. ahead=0 places each batch when it is asked for.
   """
-  devices = devices or jax.local_devices()
-  sharding = device_axis_sharding(devices)
+  if put is None:
+    devices = devices or jax.local_devices()
+    sharding = device_axis_sharding(devices)
+    put = lambda batch: jax.device_put(shard(batch, len(devices)), sharding)
   queue = collections.deque()
   for batch in host_batches:
-    queue.append(jax.device_put(shard(batch, len(devices)), sharding))
+    queue.append(put(batch))
     if len(queue) > ahead:
       yield queue.popleft()
   while queue:

@@ -29,6 +29,7 @@ from alexnet_jax.core import kernels as kernels_lib
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import models
 from alexnet_jax.core import optim
+from alexnet_jax.core import parallel
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
 from alexnet_jax.data import pipeline as input_pipeline
@@ -94,7 +95,7 @@ class _PendingMetrics:
   def check(self) -> None:
     """Moves pending metrics to the host; raises TrainingDivergedError on a NaN or inf loss."""
     for step, m in self.items:
-      host = {k: float(np.asarray(v.addressable_shards[0].data)[0]) for k, v in m.items()}
+      host = {k: float(parallel.first_value(v)) for k, v in m.items()}
       if not math.isfinite(host['train/loss']):
         raise TrainingDivergedError(
             f'The training loss became {host["train/loss"]} at step {step}. Stopping; the last '
@@ -191,16 +192,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
 
-  p_train = steps.pmapped_train_step(model, tx)
+  placement = parallel.Placement(config, model, tx, state, kernels)
+  if placement.mesh is not None:
+    logging.info('Parallelism %r: mesh %s', config.parallelism, dict(placement.mesh.shape))
+  p_train = placement.train_step
   p_eval = steps.pmapped_eval_step(model)
-  rstate = steps.replicate(state)
+  rstate = placement.put_state(state)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   pending = _PendingMetrics()
   last_eval: dict[str, float] = {}
 
   def save(step, eval_metrics=None):
     pending.check()  # Never checkpoint a diverged state: neither its loss...
-    host = steps.unreplicate(rstate)
+    host = placement.host_state(rstate)
     if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host.params)):
       # ...nor its parameters (the last step's update can overflow while its loss, computed
       # before the update, is still finite).
@@ -214,8 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Evaluating at step %d (epoch %.2f) on %s%s', step, step / steps_per_epoch,
                  config.eval_split, ' (10 crops)' if config.ten_crop_eval else '')
     t0 = time.time()
-    result = evaluation.evaluate(p_eval, rstate.params, config, ten_crop=config.ten_crop_eval,
-                                 mean=mean)
+    result = evaluation.evaluate(p_eval, placement.eval_params(rstate), config,
+                                 ten_crop=config.ten_crop_eval, mean=mean)
     # Checked before anything uses it: the plateau schedule, the best checkpoint, the metrics.
     if not all(math.isfinite(v) for v in result.values()):
       raise TrainingDivergedError(
@@ -235,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start_step
   train_iter: Iterator = input_pipeline.train_iterator(config, start_step=start_step,
                                                        mean=mean)
-  batches = steps.device_batches(train_iter, config.device_prefetch)
+  batches = placement.batches(train_iter, config.device_prefetch)
   profile = _Profile(config, workdir, start_step)
   window_start, window_steps = time.time(), 0
   votes = None  # stop votes of the step before the one just dispatched
@@ -257,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         profile.after(step, step_metrics)
         # Every process reads the same votes of step - 1 (waiting for that step, not this one,
         # so the device stays busy), hence all stop after this same step.
-        stopping = votes is not None and int(np.asarray(votes.addressable_shards[0].data)[0])
+        stopping = votes is not None and int(parallel.first_value(votes))
         votes = new_votes
 
         if step % config.log_every_steps == 0 or step == total_steps:

@@ -1,0 +1,74 @@
+"""The scaling command end to end (its numbers belong to BENCHMARKS.md, never to a test), and
+the collective counting it rests on, against hand-computed bytes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alexnet_jax.bench import collectives
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_HLO = """
+  %ag = f32[8,3,3,64]{2,1,0,3} all-gather(f32[8,3,3,32]{2,1,0,3} %x), channel_id=1, replica_groups={{0,1},{2,3}}, dimensions={3}, metadata={op_name="jit(step)/shard_map/jvp(AlexNet)/conv3/all_gather"}
+  %rs = f32[8,128]{0,1} reduce-scatter(f32[8,256]{0,1} %y), channel_id=2, replica_groups=[2,2]<=[4], dimensions={1}, to_apply=%add, metadata={op_name="jit(step)/shard_map/transpose(jvp(AlexNet))/fc7/reduce_scatter"}
+  %ar = (f32[100]{0}, bf16[10,10]{1,0}) all-reduce(f32[100]{0} %a, bf16[10,10]{1,0} %b), replica_groups={}, to_apply=%add
+  %ags = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %z), replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %ags)
+  %cp = f32[5]{0} collective-permute(f32[5]{0} %w), source_target_pairs={{0,1},{1,0}}
+"""
+
+
+def test_collectives_are_counted_with_ring_bytes():
+  found = collectives.collectives(_HLO, num_devices=4)
+  assert [c.kind for c in found] == ['all-gather', 'reduce-scatter', 'all-reduce', 'all-gather',
+                                     'collective-permute']
+  ag, rs, ar, ags, cp = found
+  assert (ag.group_size, ag.result_bytes, ag.layer, ag.backward) == (2, 8 * 9 * 64 * 4, 'conv3',
+                                                                    False)
+  assert ag.bytes_sent == 8 * 9 * 64 * 4 / 2  # half of the gathered array comes from the peer
+  assert (rs.group_size, rs.full_bytes, rs.layer, rs.backward) == (2, 8 * 256 * 4, 'fc7', True)
+  assert rs.bytes_sent == 8 * 128 * 4
+  assert (ar.group_size, ar.result_bytes) == (4, 400 + 200)  # every device; both operands
+  assert ar.bytes_sent == 2 * 600 * 3 / 4 and ar.layer == ''
+  assert (ags.result_bytes, ags.bytes_sent) == (64, 48)  # the async start's result only
+  assert (cp.group_size, cp.bytes_sent) == (2, 20)
+  assert collectives.bytes_sent(found) == sum(c.bytes_sent for c in found)
+  comm = collectives.bytes_sent(found) / 1e9 + 5 * 1e-5
+  assert collectives.project(0.1, found, 1.0, 10.0) == pytest.approx(0.1 + comm)
+  assert collectives.project(0.1, found, 1.0, 10.0, overlap=True) == 0.1
+
+
+def test_scaling_command_measures_counts_projects_and_plots(tmp_path):
+  out = tmp_path / 'scaling'
+  cmd = [sys.executable, '-m', 'alexnet_jax.bench.scaling', '--config=configs/tiny.py',
+         '--strategies=data,columns', '--devices=1,2', '--project_devices=4',
+         '--per_device_batch=4', '--steps=1', '--warmup=0', '--cpu_devices=4',
+         '--bandwidth_gb_s=2', '--latency_us=5', f'--output={out}']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(x) for x in (out / 'scaling.jsonl').read_text().splitlines()]
+  skipped = [r for r in lines if 'skipped' in r]
+  assert [(r['parallelism'], r['devices']) for r in skipped] == [('columns', 1)]
+  records = {(r['parallelism'], r['devices']): r for r in lines if 'skipped' not in r}
+  assert set(records) == {('data', 1), ('data', 2), ('data', 4), ('columns', 2), ('columns', 4)}
+  base = records['data', 1]
+  assert base['scaling_efficiency'] == 1.0 and base['bytes_sent'] == 0
+  for key, r in records.items():
+    assert r['measured'] == (key[1] < 4) and r['peak_memory_bytes'] > 0
+    assert r['batch_size'] == 4 * key[1]
+    # The projection: the one-device step plus the counted bytes and messages on the link.
+    comm = r['bytes_sent'] / 2e9 + r['num_collectives'] * 5e-6 if key[1] > 1 else 0.0
+    assert r['projected_step_ms'] == pytest.approx(base['step_ms'] + comm * 1e3)
+  assert records['columns', 2]['mesh'] == [1, 2] and records['columns', 4]['mesh'] == [2, 2]
+  assert records['columns', 2]['bytes_sent_activations'] > 0
+  assert records['data', 2]['bytes_sent_activations'] == 0 < records['data', 2]['bytes_sent']
+  with open(out / 'scaling.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 5 and rows[0]['parallelism'] == 'data' and rows[0]['devices'] == '1'
+  assert (out / 'scaling.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert 'proj img/s' in proc.stdout and 'skipped columns on 1 devices' in proc.stdout
