@@ -162,27 +162,43 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
   model, tx, host = steps.initial_state(config, kernels)
   placement = parallel.Placement(config, model, tx, host, kernels, devices)
   b, size = config.batch_size, config.image_size
-  if placement.mesh is None:
-    images = _device_images((num_devices, b // num_devices, size, size, 3), devices)
-    labels = jax.device_put(np.zeros((num_devices, b // num_devices), np.int32),
-                            steps.device_axis_sharding(devices))
-  else:
-    images = _device_images((b, size, size, 3), devices, sharding=placement.batch_sharding)
-    labels = jax.device_put(np.zeros((b,), np.int32), placement.batch_sharding)
-  batch = {'image': images, 'label': labels}
-  holder = {'state': placement.put_state(host)}
   lr, stop = np.float32(config.learning_rate), np.int32(0)
+  if placement.mesh is None:
+    per_device = steps.device_axis_sharding(devices)
+    image_shape = (num_devices, b // num_devices, size, size, 3)
+    label_shape = image_shape[:2]
+    batch_sharding = per_device
+    state_shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((num_devices,) + np.shape(x), np.asarray(x).dtype,
+                                       sharding=per_device), host)
+  else:
+    image_shape, label_shape = (b, size, size, 3), (b,)
+    batch_sharding = placement.batch_sharding
+    state_shapes = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s), host,
+        placement.shardings)
   t0 = time.perf_counter()
-  compiled = placement.train_step.lower(holder['state'], batch, lr, stop).compile()
+  # Compiled from shapes alone: a count-only point (steps_=0) never holds the state, whose
+  # copies on many simulated devices would not fit in the host's memory.
+  compiled = placement.train_step.lower(
+      state_shapes, {'image': jax.ShapeDtypeStruct(image_shape, np.float32,
+                                                   sharding=batch_sharding),
+                     'label': jax.ShapeDtypeStruct(label_shape, np.int32,
+                                                   sharding=batch_sharding)},
+      lr, stop).compile()
   compile_s = time.perf_counter() - t0
   found = collectives_lib.collectives(compiled.as_text(), num_devices)
+  median = None  # steps_=0: compiled and counted only (points a projection cannot run)
+  if steps_:
+    batch = {'image': _device_images(image_shape, devices, sharding=batch_sharding),
+             'label': jax.device_put(np.zeros(label_shape, np.int32), batch_sharding)}
+    holder = {'state': placement.put_state(host)}
 
-  def step():
-    holder['state'], m, _ = compiled(holder['state'], batch, lr, stop)
-    return m
+    def step():
+      holder['state'], m, _ = compiled(holder['state'], batch, lr, stop)
+      return m
 
-  # steps_=0: compiled and counted only (device counts a scaling projection cannot run).
-  median = _time(step, steps_, warmup)[1] if steps_ else None
+    median = _time(step, steps_, warmup)[1]
   flops = 3 * forward_flops(config) * b  # forward + backward (about twice the forward)
   m = parallel.model_axis_size(config.parallelism, num_devices, config.model_parallel)
   return {'measurement': 'train', 'train_images_per_sec': median and b / median,

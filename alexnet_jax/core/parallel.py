@@ -215,7 +215,8 @@ class Placement:
   def __init__(self, config: Any, model: models.AlexNet, tx: optax.GradientTransformation,
                host_state: Any, kernels: Kernels | None = None, devices: list | None = None):
     self.strategy = config.parallelism
-    self.devices = devices or jax.devices()
+    # This process's devices: pmap spans the other processes' through its collectives.
+    self.devices = devices or jax.local_devices()
     check(config, len(self.devices), jax.process_count())
     if self.strategy == 'data':
       self.mesh = None
