@@ -20,7 +20,7 @@ _HLO = """
   %ags = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %z), replica_groups={{0,1,2,3}}, dimensions={0}
   %agd = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %ags)
   %cp = f32[5]{0} collective-permute(f32[5]{0} %w), source_target_pairs={{0,1},{1,0}}
-"""
+"""  # noqa: E501  (HLO lines as XLA prints them)
 
 
 def test_collectives_are_counted_with_ring_bytes():
@@ -72,3 +72,18 @@ def test_scaling_command_measures_counts_projects_and_plots(tmp_path):
   assert len(rows) == 5 and rows[0]['parallelism'] == 'data' and rows[0]['devices'] == '1'
   assert (out / 'scaling.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert 'proj img/s' in proc.stdout and 'skipped columns on 1 devices' in proc.stdout
+
+
+def test_projection_can_plan_with_a_given_one_device_step():
+  from alexnet_jax.bench import scaling  # pylint: disable=g-import-not-at-top
+  records = [
+      {'parallelism': 'data', 'devices': 1, 'batch_size': 128, 'step_ms': 700.0,
+       'train_images_per_sec': 128 / 0.7, 'bytes_sent': 0.0, 'num_collectives': 0,
+       'measured': True},
+      {'parallelism': 'data', 'devices': 8, 'batch_size': 1024, 'bytes_sent': 4.0e8,
+       'num_collectives': 3, 'measured': False}]
+  scaling.project(records, bandwidth_gb_s=10.0, latency_us=100.0, step_ms=81.0)
+  # 81 ms of compute, 400 MB at 10 GB/s = 40 ms, 3 messages of 0.1 ms.
+  assert records[1]['projected_step_ms'] == pytest.approx(81 + 40 + 0.3)
+  assert records[1]['projected_speedup'] == pytest.approx(8 * 81 / 121.3)
+  assert records[0]['scaling_efficiency'] == 1.0 and records[0]['projected_step_ms'] == 81.0

@@ -15,8 +15,9 @@ efficiency (speedup / devices).
 It also projects each point onto paper: the one-device step time (the compute of one device's
 share, which every strategy keeps about equal, see README "Scaling experiments") plus the
 counted bytes at --bandwidth_gb_s per device and --latency_us per collective, without overlap
-(the pessimistic bound); --project_devices adds device counts that are compiled and counted
-only, never run (on a CPU, --cpu_devices must cover them).
+(the pessimistic bound); --step_ms gives that one-device time instead, to plan for an
+accelerator that is not at hand. --project_devices adds device counts that are compiled and
+counted only, never run (on a CPU, --cpu_devices must cover them).
 
 Writes OUTPUT/scaling.jsonl (one record per point), scaling.csv, scaling.png (throughput and
 efficiency against devices, one line per strategy, the projections dashed) and prints a table.
@@ -59,6 +60,9 @@ def _define_flags() -> None:
                      'for the projection (25: PCIe 4 x16; NVLink 4 is about 450, TPU v4 ICI '
                      'about 270 per chip).')
   flags.DEFINE_float('latency_us', 10.0, 'Latency per collective for the projection.')
+  flags.DEFINE_float('step_ms', None, 'One device\'s step time for the projection, instead of '
+                     'the measured one: to plan for an accelerator that is not at hand (e.g. '
+                     '81, a 2015 Titan X at batch 128, ../shared/PAPER.md).')
   flags.DEFINE_integer('cpu_devices', 0, 'Simulate this many CPU devices (before JAX starts).')
   flags.DEFINE_string('output', 'scaling', 'Folder for scaling.jsonl, .csv and .png.')
 
@@ -75,14 +79,17 @@ def _point(config: Any, strategy: str, n: int, per_device: int, measure: bool,
   return record
 
 
-def project(records: list[dict[str, Any]], bandwidth_gb_s: float, latency_us: float) -> None:
+def project(records: list[dict[str, Any]], bandwidth_gb_s: float, latency_us: float,
+            step_ms: float | None = None) -> None:
   """Adds speedup and efficiency (measured) and the projection (every record) against the
-  one-device data-parallel record, in place."""
+  one-device data-parallel record, in place; `step_ms` replaces its measured step time in the
+  projection."""
   base = next(r for r in records if r['parallelism'] == 'data' and r['devices'] == 1)
-  t1, ips1 = base['step_ms'] / 1e3, base['train_images_per_sec']
+  t1 = (step_ms or base['step_ms']) / 1e3
+  ips1 = base['batch_size'] / t1
   for r in records:
     if r['measured']:
-      r['speedup'] = r['train_images_per_sec'] / ips1
+      r['speedup'] = r['train_images_per_sec'] / base['train_images_per_sec']
       r['scaling_efficiency'] = r['speedup'] / r['devices']
     comm = (r['bytes_sent'] / (bandwidth_gb_s * 1e9) + r['num_collectives'] * latency_us * 1e-6
             if r['devices'] > 1 else 0.0)
@@ -91,7 +98,7 @@ def project(records: list[dict[str, Any]], bandwidth_gb_s: float, latency_us: fl
     r['projected_images_per_sec'] = r['batch_size'] / t
     r['projected_speedup'] = r['projected_images_per_sec'] / ips1
     r['projection'] = {'bandwidth_gb_s': bandwidth_gb_s, 'latency_us': latency_us,
-                       'one_device_step_ms': t1 * 1e3}
+                       'one_device_step_ms': t1 * 1e3, 'step_ms_given': step_ms is not None}
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
@@ -144,9 +151,14 @@ def plot(records: list[dict[str, Any]]) -> bytes:
              label=f'{strategy} (projected, {bw:g} GB/s)')
     ax2.plot(n, [r['projected_speedup'] / r['devices'] for r in mine], 's--', color=colour,
              alpha=0.6, label=f'{strategy} (projected)')
+  proj = records[0]['projection']
   ax1.set(xscale='log', yscale='log', xlabel='devices', ylabel='training images / sec',
-          title='Throughput (weak scaling)')
-  ax2.set(xscale='log', xlabel='devices', ylabel='speedup / devices', ylim=(0, 1.1),
+          title='Throughput (weak scaling); projected from a one-device step of '
+                f'{proj["one_device_step_ms"]:.0f} ms'
+                + (' (given)' if proj['step_ms_given'] else ''))
+  ax1.title.set_fontsize(9)
+  top = max([1.0] + [r.get('scaling_efficiency') or 0 for r in records])
+  ax2.set(xscale='log', xlabel='devices', ylabel='speedup / devices', ylim=(0, 1.1 * top),
           title='Scaling efficiency vs one device')
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
@@ -204,8 +216,8 @@ def main(argv) -> None:
   paper_counts = _ints('project_devices', FLAGS.project_devices)
   if FLAGS.per_device_batch < 1 or FLAGS.steps < 1 or FLAGS.warmup < 0:
     raise UserError('--per_device_batch and --steps must be >= 1, --warmup >= 0')
-  if FLAGS.bandwidth_gb_s <= 0 or FLAGS.latency_us < 0:
-    raise UserError('--bandwidth_gb_s must be > 0 and --latency_us >= 0')
+  if FLAGS.bandwidth_gb_s <= 0 or FLAGS.latency_us < 0 or (FLAGS.step_ms or 1) <= 0:
+    raise UserError('--bandwidth_gb_s and --step_ms must be > 0 and --latency_us >= 0')
   needed = max(run_counts + paper_counts)
   if needed > jax.device_count():
     raise UserError(f'{needed} devices asked for, {jax.device_count()} here'
@@ -239,7 +251,7 @@ def main(argv) -> None:
           f'device per step, compiled in {record["compile_s"]:.1f} s', flush=True)
   order = {s: i for i, s in enumerate(['data'] + FLAGS.strategies)}
   records.sort(key=lambda r: (order[r['parallelism']], r['devices']))
-  project(records, FLAGS.bandwidth_gb_s, FLAGS.latency_us)
+  project(records, FLAGS.bandwidth_gb_s, FLAGS.latency_us, FLAGS.step_ms)
   write(records, skipped, FLAGS.output)
   print(table(records))
   print(f'Wrote {FLAGS.output}/scaling.jsonl, scaling.csv and scaling.png')
