@@ -39,6 +39,8 @@ def _cases(tmp):
                         f'--output={tmp}/r.png'], '--learning_rates=fast: give numbers'),
       ('benchmark', ['-m', 'alexnet_jax.bench.benchmark', '--what=everything'],
        "--what: unknown ['everything']"),
+      ('scaling', ['-m', 'alexnet_jax.bench.scaling', '--strategies=pipeline',
+                   f'--output={tmp}/s'], "--strategies: unknown ['pipeline']"),
       ('pipeline benchmark', ['-m', 'alexnet_jax.bench.pipeline', '--batches=0'],
        '--batches=0 must be >= 1'),
       ('data statistics', ['-m', 'alexnet_jax.data.stats', f'--workdir={missing}'],

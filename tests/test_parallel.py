@@ -49,10 +49,13 @@ def one_device():
   return _train(_config(), 1)
 
 
-@pytest.mark.parametrize('strategy,num_devices', [('data', 8), ('columns', 4), ('columns', 8),
-                                                  ('hybrid', 4), ('hybrid', 8)])
-def test_every_strategy_trains_as_one_device_does(one_device, strategy, num_devices):
-  losses, params = _train(_config(parallelism=strategy), num_devices)
+@pytest.mark.parametrize('strategy,num_devices,model_parallel', [
+    ('data', 8, 0), ('columns', 4, 0), ('columns', 8, 0), ('hybrid', 4, 0), ('hybrid', 8, 0),
+    ('hybrid', 8, 2)])  # the last: 4 groups of 2 split the FC layers, the convs over all 8
+def test_every_strategy_trains_as_one_device_does(one_device, strategy, num_devices,
+                                                  model_parallel):
+  losses, params = _train(_config(parallelism=strategy, model_parallel=model_parallel),
+                          num_devices)
   ref_losses, ref_params = one_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert ref_losses[-1] != ref_losses[0]  # The steps did move the parameters.
