@@ -114,6 +114,19 @@ def load_config_module(path: str) -> Any:
   return module
 
 
+def prepare_output(path: str, flag: str = 'output', folder: bool = False) -> None:
+  """Creates the folder of the output file `path` (or the folder `path`) before a command's
+  work, so a place it cannot write stops it at once, in one line, not after an hour of work."""
+  from alexnet_jax import paths  # pylint: disable=g-import-not-at-top
+  target = paths.resolve(path)
+  target = target if folder else target.parent
+  try:
+    target.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--{flag}={path}: cannot create the folder {target} '
+                    f'({e.strerror or one_line(e)})') from None
+
+
 def write_json(path: str, data: Any, indent: int = 2) -> None:
   """Writes a command's JSON result to `path` (whole or not at all), creating its folder; in a
   run of several processes, process 0 writes it (every process holds the same result)."""

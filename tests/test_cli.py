@@ -115,3 +115,17 @@ def test_importing_any_module_changes_no_global_setting(tmp_path):
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert len(report['modules']) >= 25 and 'alexnet_jax.paper.figures' in report['modules']
   assert report['calls'] == [] and report['changed'] == [], report
+
+
+def test_an_output_that_cannot_be_written_stops_a_command_before_its_work(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  with pytest.raises(errors.UserError, match=r'--output=.*a_file/run/x.json: cannot create'):
+    cli.prepare_output(str(blocker / 'run' / 'x.json'))
+  with pytest.raises(errors.UserError, match='--json=.*cannot create'):
+    cli.prepare_output(str(blocker / 'out'), flag='json', folder=True)
+  cli.prepare_output(str(tmp_path / 'new' / 'deeper' / 'x.png'))  # creates the folder only
+  assert (tmp_path / 'new' / 'deeper').is_dir()
+  assert not (tmp_path / 'new' / 'deeper' / 'x.png').exists()
+  cli.prepare_output(str(tmp_path / 'scaling'), folder=True)
+  assert (tmp_path / 'scaling').is_dir()

@@ -27,6 +27,7 @@ Combinations a strategy cannot run (columns on one device) are listed as skipped
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any
@@ -117,7 +118,6 @@ def write(records: list[dict[str, Any]], skipped: list[dict[str, Any]], output: 
   out.mkdir(parents=True, exist_ok=True)
   paths.write_atomic(out / 'scaling.jsonl',
                      ''.join(json.dumps(r) + '\n' for r in records + skipped))
-  import io  # pylint: disable=g-import-not-at-top
   text = io.StringIO()
   writer = csv.DictWriter(text, fieldnames=COLUMNS)
   writer.writeheader()
@@ -130,7 +130,6 @@ def write(records: list[dict[str, Any]], skipped: list[dict[str, Any]], output: 
 def plot(records: list[dict[str, Any]]) -> bytes:
   """PNG bytes: images/sec and scaling efficiency against devices, one line per strategy
   (measured solid, projected dashed)."""
-  import io  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -223,6 +222,7 @@ def main(argv) -> None:
     raise UserError(f'{needed} devices asked for, {jax.device_count()} here'
                     + (' (add --cpu_devices=N)' if jax.default_backend() == 'cpu' else ''))
   config.dataset = 'synthetic'  # Data made on the devices: no dataset is read.
+  cli.prepare_output(FLAGS.output, folder=True)
   config.batch_size = config.eval_batch_size = FLAGS.per_device_batch
   config_lib.validate(config, num_devices=1)
   kernels = kernels_lib.resolve(config)

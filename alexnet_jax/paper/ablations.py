@@ -178,6 +178,7 @@ def main(argv: Sequence[str]) -> None:
                     f'{sorted(module.ABLATIONS)}')
   if f.seeds < 1 or f.epochs < 1:
     raise UserError(f'--seeds={f.seeds} and --epochs={f.epochs}: both must be at least 1.')
+  cli.prepare_output(f.output)
   overrides = {'num_train_steps': f.num_train_steps} if f.num_train_steps > 0 else None
   result = run_ablations({n: module.get_config(n) for n in names}, range(f.seeds), f.epochs,
                          workdir=f.workdir, overrides=overrides)

@@ -136,6 +136,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.output:
+    cli.prepare_output(f.output)
   report = evaluate_workdirs(f.workdirs or [], split=f.split, which=f.checkpoint, crops=f.crops)
   print(format_table(report))
   if f.output:

@@ -359,6 +359,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Name one figure: python -m alexnet_jax.paper.figures '
                          f'{{{",".join(COMMANDS)}}} --workdir=DIR --output=FILE.png')
   f = flags.FLAGS
+  cli.prepare_output(f.output)
   if argv[1] == 'filters':
     plot_filters(f.workdir, f.output, which=f.checkpoint)
   elif argv[1] == 'predictions':

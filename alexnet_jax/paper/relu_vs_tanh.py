@@ -219,6 +219,9 @@ def main(argv: Sequence[str]) -> None:
   if f.epochs <= 0 or f.evals_per_epoch < 1 or not rates or min(rates) <= 0:
     raise UserError(f'--epochs={f.epochs}, --evals_per_epoch={f.evals_per_epoch} and '
                     f'--learning_rates={f.learning_rates} must all be positive.')
+  cli.prepare_output(f.output)
+  if f.json:
+    cli.prepare_output(f.json, flag='json')
   result = compare(f.config, f.epochs, rates, evals_per_epoch=f.evals_per_epoch, seed=f.seed)
   plot(result, f.output)
   for activation, run in result['best'].items():
