@@ -25,6 +25,18 @@ def train_tiny(path, **overrides) -> str:
   return str(path)
 
 
+def latest_state(workdir, config):
+  """The TrainState of the latest checkpoint in `workdir` (a run of `config`), host arrays."""
+  from alexnet_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import optim  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
+  _, _, state = steps.initial_state(config)
+  restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
+  manager.close()
+  return restored[0]
+
+
 @pytest.fixture(scope='session')
 def tiny_workdir(tmp_path_factory):
   """A trained tiny run (4 steps) with its checkpoint, classes and statistics, trained once for

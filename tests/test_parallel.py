@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
+
 from alexnet_jax import errors
 from alexnet_jax.bench import collectives
-from alexnet_jax.core import checkpoints
 from alexnet_jax.core import config as config_lib
-from alexnet_jax.core import optim
 from alexnet_jax.core import parallel
 from alexnet_jax.core import steps
 from alexnet_jax.core import train
@@ -122,14 +122,6 @@ def test_strategies_that_cannot_run_are_config_errors(overrides, num_devices, me
     config_lib.validate(config, num_devices=num_devices)
 
 
-def _final(workdir, config):
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  _, _, state = steps.initial_state(config)
-  restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
-  manager.close()
-  return restored[0]
-
-
 def test_columns_run_resumes_and_ends_where_a_data_parallel_run_does(tmp_path):
   data = _config(num_train_steps=3, eval_every_steps=3, num_eval_steps=1)
   train.train_and_evaluate(data, str(tmp_path / 'data'))
@@ -138,7 +130,8 @@ def test_columns_run_resumes_and_ends_where_a_data_parallel_run_does(tmp_path):
   train.train_and_evaluate(columns, str(tmp_path / 'columns'))  # stops at step 2 ...
   columns.num_train_steps = 3
   result = train.train_and_evaluate(columns, str(tmp_path / 'columns'))  # ... resumes to 3
-  a, b = _final(str(tmp_path / 'data'), data), _final(str(tmp_path / 'columns'), columns)
+  a = conftest.latest_state(str(tmp_path / 'data'), data)
+  b = conftest.latest_state(str(tmp_path / 'columns'), columns)
   assert int(a.step) == int(b.step) == 3 and result['eval/num_examples'] > 0
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6),
                          a.params, b.params)

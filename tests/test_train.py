@@ -7,11 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
+
 from alexnet_jax import errors
-from alexnet_jax.core import checkpoints
 from alexnet_jax.core import metrics as metrics_lib
-from alexnet_jax.core import optim
-from alexnet_jax.core import steps
 from alexnet_jax.core import train
 from configs import tiny
 
@@ -24,23 +23,15 @@ def _config(**overrides):
   return c
 
 
-def _final_params(workdir, config):
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  _, _, state = steps.initial_state(config)
-  restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
-  manager.close()
-  return restored[0]
-
-
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
   straight = _config(num_train_steps=4)
   train.train_and_evaluate(straight, str(tmp_path / 'straight'))
   interrupted = _config(num_train_steps=2)
   train.train_and_evaluate(interrupted, str(tmp_path / 'resumed'))
-  assert _final_params(str(tmp_path / 'resumed'), interrupted).step == 2
+  assert conftest.latest_state(str(tmp_path / 'resumed'), interrupted).step == 2
   train.train_and_evaluate(straight, str(tmp_path / 'resumed'))
-  a = _final_params(str(tmp_path / 'straight'), straight)
-  b = _final_params(str(tmp_path / 'resumed'), straight)
+  a = conftest.latest_state(str(tmp_path / 'straight'), straight)
+  b = conftest.latest_state(str(tmp_path / 'resumed'), straight)
   assert int(a.step) == int(b.step) == 4
   jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
@@ -76,7 +67,7 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     train.train_and_evaluate(config, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
   assert saved[-1] == 2
-  state = _final_params(str(tmp_path), config)
+  state = conftest.latest_state(str(tmp_path), config)
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
   evals = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if 'eval/loss' in r]

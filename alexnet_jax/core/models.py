@@ -88,6 +88,11 @@ _FC_WIDTHS = {'paper': 4096, 'one_column': 4096, 'owt': 4096, 'small': 256,
               'small_one_column': 256}
 
 
+def fc_width(variant: str) -> int:
+  """Neurons of fc6 and fc7 in `variant`."""
+  return _FC_WIDTHS[variant]
+
+
 def conv_specs(variant: str) -> tuple[ConvSpec, ...]:
   """The convolutional layers of `variant`."""
   if variant == 'paper':
@@ -352,7 +357,7 @@ class AlexNet(nn.Module):
 
     if self.variant == 'owt':
       x = adaptive_avg_pool(x, 6)
-    width = _FC_WIDTHS[self.variant]
+    width = fc_width(self.variant)
     drop = lambda h: nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     for name in ('fc6', 'fc7'):
       if self.variant == 'owt':  # torchvision drops the inputs of fc6 and fc7.

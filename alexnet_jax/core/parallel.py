@@ -87,7 +87,7 @@ def check(config: Any, num_devices: int, num_processes: int = 1) -> None:
            f'lrn_within_columns=True (got {config.model!r}, {config.lrn_within_columns})')
   elif strategy == 'columns' and config.model_parallel not in (0, 2):
     why = f'has a model axis of 2 (the two columns), not model_parallel={config.model_parallel}'
-  elif models._FC_WIDTHS[config.model] % m:  # pylint: disable=protected-access
+  elif models.fc_width(config.model) % m:
     why = f'cannot split the fully connected layers over {m} devices'
   if why:
     raise ConfigError(f'config.parallelism={strategy!r} {why}.')
@@ -179,14 +179,15 @@ def grads_and_metrics(model: models.AlexNet, strategy: str, mesh: Mesh, specs: A
                        out_specs=(specs, P()), check_vma=False)
 
 
-def mesh_train_step(config: Any, tx: optax.GradientTransformation, mesh: Mesh, state: Any,
+def mesh_train_step(config: Any, tx: optax.GradientTransformation, shardings: Any,
                     kernels: Kernels | None = None) -> Callable:
-  """The 'columns' or 'hybrid' training step, jitted over `mesh`: (state, batch, learning_rate,
-  stop) -> (state, metrics, stop) like `steps.pmapped_train_step`; the state is donated.
-  `state` (host or device) gives the shapes."""
+  """The 'columns' or 'hybrid' training step, jitted over the mesh of `shardings` (the state's,
+  `state_shardings`): (state, batch, learning_rate, stop) -> (state, metrics, stop) like
+  `steps.pmapped_train_step`; the state is donated."""
   strategy = config.parallelism
   model = models.create_model(config, kernels, split=_SPLIT[strategy])
-  specs = param_specs(state.params, strategy)
+  mesh = shardings.step.mesh
+  specs = jax.tree_util.tree_map(lambda s: s.spec, shardings.params)
   grads_fn = grads_and_metrics(model, strategy, mesh, specs)
 
   def step(state, batch, learning_rate, stop):
@@ -198,7 +199,6 @@ def mesh_train_step(config: Any, tx: optax.GradientTransformation, mesh: Mesh, s
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), \
         step_metrics, stop
 
-  shardings = state_shardings(state, tx, mesh, strategy)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, batch_spec(strategy))
   return jax.jit(step, in_shardings=(shardings, batch_sharding, replicated, replicated),
@@ -225,7 +225,7 @@ class Placement:
     self.mesh = create_mesh(self.strategy, self.devices, config.model_parallel)
     self.shardings = state_shardings(host_state, tx, self.mesh, self.strategy)
     self.batch_sharding = NamedSharding(self.mesh, batch_spec(self.strategy))
-    self.train_step = mesh_train_step(config, tx, self.mesh, host_state, kernels)
+    self.train_step = mesh_train_step(config, tx, self.shardings, kernels)
 
   def put_state(self, host_state: Any) -> Any:
     """Host state -> the device state the train step takes."""
