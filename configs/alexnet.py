@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Data (§2, §4.1) ----
   # 'imagenet2012' or any TFDS image-classification name, 'folder' (data_dir/<split>/<class>/*),
+  # 'prepared' (data_dir written once by `python -m alexnet_jax.data.prepare`: §2's 256x256
+  # images as JPEG shards, with their statistics; the fast way to feed an accelerator),
   # 'digits' (scikit-learn's handwritten digits, offline) or 'synthetic' (random, for speed).
   c.dataset = 'imagenet2012'
   c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir, or the folder root.
@@ -49,11 +51,17 @@ def get_config() -> ml_collections.ConfigDict:
   # with lambda on a 0..255 scale, as Krizhevsky's cuda-convnet2 code did (about twice the shift
   # along the first component). See ../shared/PAPER.md.
   c.pca_lighting_scale = 'paper'
-  # PCA eigenvalues/vectors: None takes the published ImageNet values (0..1 pixel scale).
+  # PCA eigenvalues/vectors: None takes the published ImageNet values (0..1 pixel scale), or
+  # for dataset='prepared' the PCA the preparation computed from the training set.
   c.pca_file = ml_collections.config_dict.placeholder(str)
   c.shuffle_buffer = 16_384
   c.cache = False  # tf.data cache of decoded examples (small datasets only).
   c.ten_crop_eval = True  # §4.1/§6: average softmax over 4 corners + centre and their mirrors.
+  # Not in the paper: where the float work of the input runs. True: the host sends uint8 patches
+  # (150 KB per 224 image instead of 600 KB) and the mean subtraction and PCA lighting run on the
+  # device inside the jitted step (alexnet_jax/data/on_device.py), same values. False: the host
+  # sends float32 images.
+  c.device_preprocessing = True
 
   # ---- Model (§3) ----
   c.model = 'paper'  # 'paper' (two columns), 'one_column', 'owt' (torchvision), 'small'.

@@ -21,7 +21,7 @@ import ml_collections
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.errors import RunError
 
-BUILTIN_DATASETS = ('digits', 'folder', 'synthetic')
+BUILTIN_DATASETS = ('digits', 'folder', 'prepared', 'synthetic')
 VARIANTS = ('paper', 'one_column', 'owt', 'small', 'small_one_column')
 ACTIVATIONS = ('relu', 'tanh')
 DTYPES = ('float32', 'bfloat16')
@@ -141,6 +141,8 @@ SCHEMA: dict[str, Field] = {
     'shuffle_buffer': _int(1),
     'cache': _BOOL,
     'ten_crop_eval': _BOOL,
+    # Runs before this field sent float32 images, finished on the host.
+    'device_preprocessing': Field('bool', legacy=False),
     # Model.
     'model': _choice(*VARIANTS),
     'lrn': _BOOL,
@@ -242,6 +244,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.dataset == 'folder' and not config.data_dir:
     raise _fail('data_dir', config.data_dir,
                 "dataset 'folder' needs --config.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")
+  if config.dataset == 'prepared' and not config.data_dir:
+    raise _fail('data_dir', config.data_dir, "dataset 'prepared' needs --config.data_dir=DIR, "
+                'the output of `python -m alexnet_jax.data.prepare`')
   if config.dataset not in BUILTIN_DATASETS and not _is_registered_tfds(config.dataset):
     raise _fail('dataset', config.dataset, f'is neither one of {BUILTIN_DATASETS} nor a dataset '
                 'of the installed tensorflow-datasets (e.g. imagenet2012, mnist)')

@@ -22,19 +22,22 @@ from absl import logging
 
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import steps
+from alexnet_jax.data import on_device
 from alexnet_jax.data import pipeline
 from alexnet_jax.data import sources
 
 
 def _batches(config, *, split: str | None, ten_crop: bool, mean: np.ndarray | None,
-             max_batches: int | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+             max_batches: int | None = None, device: bool = False
+             ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
   """(index, total, batch) of this process's evaluation batches, with progress logging."""
   name = split or config.eval_split
   total = pipeline.num_eval_batches_of(sources.open_split(config, name).num_examples, config)
   if max_batches is not None and max_batches > 0:
     total = min(total, max_batches)
   start = time.time()
-  it = pipeline.eval_iterator(config, split=name, ten_crop=ten_crop, mean=mean)
+  it = pipeline.eval_iterator(config, split=name, ten_crop=ten_crop, mean=mean,
+                              on_device=device)
   try:
     for i, batch in enumerate(it):
       if i >= total:
@@ -47,16 +50,24 @@ def _batches(config, *, split: str | None, ten_crop: bool, mean: np.ndarray | No
     it.close()
 
 
+def pmapped_eval_step(model, config, mean: np.ndarray | None) -> Callable:
+  """`steps.pmapped_eval_step` for `evaluate`: with config.device_preprocessing, it finishes
+  the uint8 patches on the device (`data.on_device`)."""
+  finish = on_device.finisher(config, mean) if config.device_preprocessing else None
+  return steps.pmapped_eval_step(model, finish=finish)
+
+
 def evaluate(p_eval: Callable, rparams: Any, config, *, ten_crop: bool,
              mean: np.ndarray | None, split: str | None = None) -> dict[str, float]:
   """Top-1/top-5 error and loss over the whole split, summed over every device and process.
 
-  `p_eval` is `steps.pmapped_eval_step(model)`, `rparams` the replicated parameters.
+  `p_eval` is `pmapped_eval_step(model, config, mean)`, `rparams` the replicated parameters.
   config.num_eval_steps > 0 evaluates only that many batches (tests).
   """
   sums = None
   for _, _, batch in _batches(config, split=split, ten_crop=ten_crop, mean=mean,
-                              max_batches=config.num_eval_steps):
+                              max_batches=config.num_eval_steps,
+                              device=config.device_preprocessing):
     out = p_eval(rparams, steps.shard(batch))
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
   # psum made every device's copy the global sum.

@@ -136,14 +136,17 @@ def state_shardings(state: steps.TrainState, tx: optax.GradientTransformation, m
                                 is_leaf=lambda x: isinstance(x, P))
 
 
-def grads_and_metrics(model: models.AlexNet, strategy: str, mesh: Mesh, specs: Any
-                      ) -> Callable:
+def grads_and_metrics(model: models.AlexNet, strategy: str, mesh: Mesh, specs: Any,
+                      finish: Callable | None = None) -> Callable:
   """(params, batch, rng, step) -> (grads, metrics): the shard_mapped forward and backward pass
   of `model` (its `split` set for `strategy`); gradients are those of the global batch's mean
-  loss, sharded as `specs`; metrics are global means."""
+  loss, sharded as `specs`; metrics are global means. `finish` (`data.on_device.finisher`)
+  turns each device's uint8 rows into float images first."""
   n = mesh.devices.size
 
   def local(params, batch, rng, step):
+    if finish is not None:
+      batch = finish(batch)
     data_i, model_i = lax.axis_index(DATA), lax.axis_index(MODEL)
     key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
     dropout_key = jax.random.fold_in(key, data_i * mesh.shape[MODEL] + model_i)
@@ -174,13 +177,16 @@ def grads_and_metrics(model: models.AlexNet, strategy: str, mesh: Mesh, specs: A
     return grads, lax.pmean(step_metrics, (DATA, MODEL))
 
   bspec = batch_spec(strategy)
-  return jax.shard_map(local, mesh=mesh, in_specs=(specs, {'image': bspec, 'label': bspec}, P(),
-                                                   P()),
-                       out_specs=(specs, P()), check_vma=False)
+
+  def grads(params, batch, rng, step):  # every key of the batch is split by rows
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: bspec for k in batch}, P(), P()),
+                         out_specs=(specs, P()), check_vma=False)(params, batch, rng, step)
+
+  return grads
 
 
 def mesh_train_step(config: Any, tx: optax.GradientTransformation, shardings: Any,
-                    kernels: Kernels | None = None) -> Callable:
+                    kernels: Kernels | None = None, finish: Callable | None = None) -> Callable:
   """The 'columns' or 'hybrid' training step, jitted over the mesh of `shardings` (the state's,
   `state_shardings`): (state, batch, learning_rate, stop) -> (state, metrics, stop) like
   `steps.pmapped_train_step`; the state is donated."""
@@ -188,7 +194,7 @@ def mesh_train_step(config: Any, tx: optax.GradientTransformation, shardings: An
   model = models.create_model(config, kernels, split=_SPLIT[strategy])
   mesh = shardings.step.mesh
   specs = jax.tree_util.tree_map(lambda s: s.spec, shardings.params)
-  grads_fn = grads_and_metrics(model, strategy, mesh, specs)
+  grads_fn = grads_and_metrics(model, strategy, mesh, specs, finish)
 
   def step(state, batch, learning_rate, stop):
     grads, step_metrics = grads_fn(state.params, batch, state.rng, state.step)
@@ -213,19 +219,20 @@ class Placement:
   needs and nothing more."""
 
   def __init__(self, config: Any, model: models.AlexNet, tx: optax.GradientTransformation,
-               host_state: Any, kernels: Kernels | None = None, devices: list | None = None):
+               host_state: Any, kernels: Kernels | None = None, devices: list | None = None,
+               finish: Callable | None = None):
     self.strategy = config.parallelism
     # This process's devices: pmap spans the other processes' through its collectives.
     self.devices = devices or jax.local_devices()
     check(config, len(self.devices), jax.process_count())
     if self.strategy == 'data':
       self.mesh = None
-      self.train_step = steps.pmapped_train_step(model, tx, devices)
+      self.train_step = steps.pmapped_train_step(model, tx, devices, finish)
       return
     self.mesh = create_mesh(self.strategy, self.devices, config.model_parallel)
     self.shardings = state_shardings(host_state, tx, self.mesh, self.strategy)
     self.batch_sharding = NamedSharding(self.mesh, batch_spec(self.strategy))
-    self.train_step = mesh_train_step(config, tx, self.shardings, kernels)
+    self.train_step = mesh_train_step(config, tx, self.shardings, kernels, finish)
 
   def put_state(self, host_state: Any) -> Any:
     """Host state -> the device state the train step takes."""

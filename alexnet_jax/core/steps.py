@@ -56,12 +56,15 @@ def initial_state(config: Any, kernels: Kernels | None = None
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               model: nn.Module, tx: optax.GradientTransformation,
+               finish: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's slice of the batch; call under pmap(axis_name=AXIS).
 
   Every device draws its own dropout masks: the key is folded with the step and the device index.
+  `finish` (`data.on_device.finisher`) turns uint8 patches into the network's float images.
   """
+  if finish is not None:
+    batch = finish(batch)
   key = jax.random.wrap_key_data(state.rng)
   dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
 
@@ -95,19 +98,21 @@ def probabilities(params: Any, images: jax.Array, *, model: nn.Module) -> jax.Ar
   return jax.nn.softmax(model.apply({'params': params}, images))
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module
-              ) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              finish: Callable | None = None) -> dict[str, jax.Array]:
   """`metrics.error_sums` of a batch, summed over the devices; call under pmap(axis_name=AXIS).
 
   A batch of shape [B, 10, H, W, 3] is the paper's 10-crop test (§4.1): the softmax outputs of
-  the ten patches are averaged before the errors are counted.
+  the ten patches are averaged before the errors are counted. `finish` as in `train_step`.
   """
+  if finish is not None:
+    batch = finish(batch)
   probs = probabilities(params, batch['image'], model=model)
   return lax.psum(metrics_lib.error_sums(probs, batch['label'], batch['mask']), AXIS)
 
 
 def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                       devices: list | None = None) -> Callable:
+                       devices: list | None = None, finish: Callable | None = None) -> Callable:
   """train_step mapped over `devices` (default: all local ones); the state is donated.
 
   (state, batch, learning_rate, stop) -> (state, metrics, stop_votes): `stop` is this process's
@@ -117,16 +122,19 @@ def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
 
   def step(state, batch, learning_rate, stop):
-    state, step_metrics = train_step(state, batch, learning_rate, model=model, tx=tx)
+    state, step_metrics = train_step(state, batch, learning_rate, model=model, tx=tx,
+                                     finish=finish)
     return state, step_metrics, lax.psum(stop, AXIS)
 
   return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
                   devices=devices)
 
 
-def pmapped_eval_step(model: nn.Module, devices: list | None = None) -> Callable:
+def pmapped_eval_step(model: nn.Module, devices: list | None = None,
+                      finish: Callable | None = None) -> Callable:
   """eval_step mapped over `devices` (default: all local ones)."""
-  return jax.pmap(lambda p, b: eval_step(p, b, model=model), axis_name=AXIS, devices=devices)
+  return jax.pmap(lambda p, b: eval_step(p, b, model=model, finish=finish), axis_name=AXIS,
+                  devices=devices)
 
 
 def pmapped_probabilities(model: nn.Module, devices: list | None = None) -> Callable:

@@ -32,6 +32,7 @@ from alexnet_jax.core import optim
 from alexnet_jax.core import parallel
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
+from alexnet_jax.data import on_device
 from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.data import stats as data_stats
 from alexnet_jax.errors import RunError
@@ -192,11 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
 
-  placement = parallel.Placement(config, model, tx, state, kernels)
+  finish = on_device.finisher(config, mean) if config.device_preprocessing else None
+  placement = parallel.Placement(config, model, tx, state, kernels, finish=finish)
   if placement.mesh is not None:
     logging.info('Parallelism %r: mesh %s', config.parallelism, dict(placement.mesh.shape))
   p_train = placement.train_step
-  p_eval = steps.pmapped_eval_step(model)
+  p_eval = evaluation.pmapped_eval_step(model, config, mean)
   rstate = placement.put_state(state)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   pending = _PendingMetrics()
@@ -237,8 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return result
 
   step = start_step
-  train_iter: Iterator = input_pipeline.train_iterator(config, start_step=start_step,
-                                                       mean=mean)
+  train_iter: Iterator = input_pipeline.train_iterator(
+      config, start_step=start_step, mean=mean, on_device=config.device_preprocessing)
   batches = placement.batches(train_iter, config.device_prefetch)
   profile = _Profile(config, workdir, start_step)
   window_start, window_steps = time.time(), 0
@@ -322,9 +324,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   run = run_lib.open_run(workdir)
   restored = run.restore(which=which, step=step, config=config, kernels=kernels)
   logging.info('Evaluating the checkpoint of step %d from %s', restored.step, run.workdir)
-  result = evaluation.evaluate(steps.pmapped_eval_step(restored.model),
+  mean = run.mean()
+  result = evaluation.evaluate(evaluation.pmapped_eval_step(restored.model, config, mean),
                                steps.replicate(restored.params), config,
-                               ten_crop=config.ten_crop_eval, mean=run.mean())
+                               ten_crop=config.ten_crop_eval, mean=mean)
   result['step'] = restored.step
   crops = 'ten_crop' if config.ten_crop_eval else 'center_crop'
   cli.write_json(str(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json'),

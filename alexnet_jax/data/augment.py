@@ -42,8 +42,8 @@ def crop(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) -> tf.Ten
   return tf.ensure_shape(patch, [size, size, image.shape[-1]])
 
 
-def random_crop(image: tf.Tensor, size: int, key: tf.Tensor) -> tf.Tensor:
-  """§4.1: a size x size patch at a uniformly random position inside `image`.
+def random_crop_offsets(image: tf.Tensor, size: int, key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """§4.1: the (top, left) of a size x size patch at a uniformly random position in `image`.
 
   Every one of the (H - size + 1) x (W - size + 1) positions is equally likely, so the patch is
   always entirely inside the image (the paper's 224 patches of 256 images: 33 x 33 positions).
@@ -54,13 +54,23 @@ def random_crop(image: tf.Tensor, size: int, key: tf.Tensor) -> tf.Tensor:
   left_key = tf.random.experimental.stateless_fold_in(key, 1)
   left = tf.random.stateless_uniform([], left_key, minval=0, maxval=width - size + 1,
                                      dtype=tf.int32)
-  return crop(image, top, left, size)
+  return top, left
+
+
+def random_crop(image: tf.Tensor, size: int, key: tf.Tensor) -> tf.Tensor:
+  """§4.1: the size x size patch at `random_crop_offsets`."""
+  return crop(image, *random_crop_offsets(image, size, key), size)
+
+
+def center_offsets(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(top, left) of the central size x size patch; rounds down."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  return (height - size) // 2, (width - size) // 2
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central size x size patch (the single-crop test patch); rounds the offset down."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  return crop(image, (height - size) // 2, (width - size) // 2, size)
+  """The central size x size patch (the single-crop test patch)."""
+  return crop(image, *center_offsets(image, size), size)
 
 
 def horizontal_flip(image: tf.Tensor) -> tf.Tensor:
@@ -68,10 +78,14 @@ def horizontal_flip(image: tf.Tensor) -> tf.Tensor:
   return image[:, ::-1, :]
 
 
+def flip_decision(key: tf.Tensor) -> tf.Tensor:
+  """§4.1: whether to reflect, with probability 1/2 (bool scalar)."""
+  return tf.random.stateless_uniform([], key) < 0.5
+
+
 def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
   """§4.1: the horizontal reflection with probability 1/2."""
-  flip = tf.random.stateless_uniform([], key) < 0.5
-  return tf.cond(flip, lambda: horizontal_flip(image), lambda: image)
+  return tf.cond(flip_decision(key), lambda: horizontal_flip(image), lambda: image)
 
 
 def lighting_offset(key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor, std: float,
@@ -107,8 +121,17 @@ def pca_lighting(image: tf.Tensor, key: tf.Tensor, eigval: tf.Tensor, eigvec: tf
 
 def subtract_mean(square: tf.Tensor, mean: np.ndarray | None) -> tf.Tensor:
   """§2: the training set's mean (image [R, R, 3] or RGB [1, 1, 3]) subtracted from a square
-  image, before any patch is cut from it; None: nothing subtracted."""
+  image (uint8 squares are cast to float32 first), before any patch is cut from it; None:
+  nothing subtracted."""
+  square = tf.cast(square, tf.float32)
   return square if mean is None else square - mean
+
+
+def to_uint8(square: tf.Tensor) -> tf.Tensor:
+  """A square as uint8 (rounded) for the device to finish; uint8 squares pass unchanged."""
+  if square.dtype == tf.uint8:
+    return square
+  return tf.cast(tf.round(tf.clip_by_value(square, 0.0, PIXEL_MAX)), tf.uint8)
 
 
 def eval_patches(square: tf.Tensor, mean: np.ndarray | None, size: int,
@@ -118,7 +141,12 @@ def eval_patches(square: tf.Tensor, mean: np.ndarray | None, size: int,
 
   The one preprocessing of every evaluation (the eval pipeline, predict, the figures).
   """
-  image = subtract_mean(square, mean)
+  return test_patches(subtract_mean(square, mean), size, ten_crop)
+
+
+def test_patches(image: tf.Tensor, size: int, ten_crop: bool) -> tf.Tensor:
+  """The central patch or the ten patches of `image`, of its dtype (uint8 patches are what the
+  device finishes, `data.on_device`)."""
   return ten_patches(image, size) if ten_crop else center_crop(image, size)
 
 

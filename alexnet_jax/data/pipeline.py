@@ -12,6 +12,16 @@ checkpoints, no stateful RNG).
 - TFDS streams (ImageNet): the records in their stored order (TFDS shuffled them once when it
   wrote them) through a shuffle buffer of config.shuffle_buffer seeded with (seed, e); the skip
   reads encoded records but decodes none.
+- Prepared shards (dataset='prepared'): each epoch puts the files in an order seeded with
+  (seed, e); process p takes the p-th of P equal slices of that sequence, so it reads its own
+  files (and parts of at most two others). Its slice is read in windows of config.shuffle_buffer
+  examples, each permuted with a seed of (seed, e, window): a resume reads one window, and
+  nothing before it.
+
+With `on_device=True` the iterators send what the device needs to finish the image
+(`data.on_device`): the uint8 patch (150 KB at 224x224, a quarter of float32's bytes), its crop
+position and flip, and the lighting's RGB shift; the random numbers are the same draws from the
+same keys, and the device's mean subtraction and lighting give the host path's values.
 
 Unreadable images ('folder' only; TFDS validated its images when it wrote them) never end a run.
 Training: a position whose image cannot be decoded takes the next example of the epoch's order
@@ -90,8 +100,11 @@ def _options() -> tf.data.Options:
 
 
 def _pca(config) -> tuple[np.ndarray, np.ndarray]:
-  if config.pca_file:
-    stats = data_stats.load_stats(config.pca_file)
+  """config.pca_file's PCA; for a prepared dataset its own; else the published ImageNet one."""
+  path = config.pca_file or (data_sources.prepared_stats_path(config)
+                             if config.dataset == data_sources.PREPARED else None)
+  if path:
+    stats = data_stats.load_stats(path)
     return np.asarray(stats['eigval'], np.float32), np.asarray(stats['eigvec'], np.float32)
   return augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
 
@@ -134,6 +147,8 @@ def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Data
   def skip(epoch):  # skip to the resume step, within the first epoch only
     return tf.where(epoch == start_epoch, np.int64(start_offset * b), np.int64(0))
 
+  if isinstance(split, data_sources.ShardedSplit):
+    return _sharded_train_positions(config, split, start_step, steps)
   if isinstance(split, data_sources.IndexedSplit):
     n = split.num_examples
     tries = FALLBACK_CANDIDATES if split.may_fail else 1
@@ -165,9 +180,55 @@ def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Data
   return tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch_positions)
 
 
+def _sharded_train_positions(config, split: data_sources.ShardedSplit, start_step: int,
+                             steps: int) -> tf.data.Dataset:
+  """`_train_positions` of a prepared split (see the module docstring), with 'encoded'."""
+  global_batch = config.batch_size
+  b = _per_process(global_batch, 'batch_size')
+  p = jax.process_index()
+  share = steps * b  # examples of this process per epoch
+  window = min(config.shuffle_buffer, share)
+  num_windows = -(-share // window)
+  start_epoch, start_offset = divmod(start_step, steps)
+  seed = tf.constant(config.seed, tf.int64)
+  files = tf.constant(split.files, tf.string)
+  counts = tf.constant(split.counts, tf.int64)
+
+  def epoch_positions(epoch):
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(split.files), dtype=tf.int64),
+                                                     seed=tf.stack([seed, epoch]))
+    ordered_counts = tf.gather(counts, order)
+    ends = tf.cumsum(ordered_counts)
+    starts = ends - ordered_counts
+    first_local = tf.where(epoch == start_epoch, np.int64(start_offset * b), np.int64(0))
+
+    def load_window(w):  # window w of this process's slice, read whole and permuted
+      lo = p * share + w * window
+      hi = tf.minimum(lo + window, (p + 1) * share)
+      takes = tf.maximum(tf.minimum(hi, ends) - tf.maximum(lo, starts), 0)
+      used = takes > 0
+      records = data_sources.read_segments(
+          tf.boolean_mask(tf.gather(files, order), used),
+          tf.boolean_mask(tf.maximum(lo - starts, 0), used), tf.boolean_mask(takes, used))
+      ex = data_sources.parse_prepared(records.batch(hi - lo).get_single_element())
+      perm = tf.random.experimental.stateless_shuffle(
+          tf.range(hi - lo), seed=tf.random.experimental.stateless_fold_in(
+              tf.stack([seed, epoch]), lo))
+      local = w * window + tf.range(hi - lo)
+      return {'encoded': tf.gather(ex['encoded'], perm), 'label': tf.gather(ex['label'], perm),
+              'position': (local // b) * global_batch + p * b + local % b}
+
+    # The next window is read while this one is consumed.
+    windows = tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
+    ds = windows.prefetch(1).unbatch().skip(first_local % window)
+    return ds.map(lambda el: {**el, 'epoch': epoch})
+
+  return tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch_positions)
+
+
 def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
   """Adds the square 'image' and 'label' to each position (and 'primary', 'attempt' for logs)."""
-  if isinstance(split, data_sources.StreamSplit):
+  if isinstance(split, (data_sources.StreamSplit, data_sources.ShardedSplit)):
 
     def decode(el):
       return {'epoch': el['epoch'], 'position': el['position'],
@@ -221,14 +282,45 @@ def _train_augment(config, mean: np.ndarray | None):
   return fn
 
 
-def train_iterator(config, *, start_step: int = 0,
-                   mean: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
+def _train_patch(config):
+  """(square, key) -> what the device needs to finish §4.1's training patch (on_device):
+  {'image': uint8 patch, 'crop': int32 [top, left, flipped], 'lighting': float32 RGB shift}.
+  The same draws from the same keys as `_train_augment`."""
+  eigval, eigvec = _pca(config)
+  size = config.image_size
+
+  def fn(square, key):
+    square = augment.to_uint8(square)
+    crop_key, flip_key, lighting_key = tf.unstack(augment.split_key(key, 3))
+    if config.random_crop:
+      top, left = augment.random_crop_offsets(square, size, crop_key)
+    else:
+      top, left = augment.center_offsets(square, size)
+    patch = augment.crop(square, top, left, size)
+    flip = augment.flip_decision(flip_key) if config.random_flip else tf.constant(False)
+    patch = tf.cond(flip, lambda: augment.horizontal_flip(patch), lambda: patch)
+    if config.pca_lighting:
+      shift = augment.lighting_offset(lighting_key, eigval, eigvec, config.pca_lighting_std,
+                                      config.pca_lighting_scale)
+    else:
+      shift = tf.zeros([3])
+    return {'image': patch, 'crop': tf.stack([top, left, tf.cast(flip, tf.int32)]),
+            'lighting': shift}
+
+  return fn
+
+
+def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
+                   on_device: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of every global training batch from `start_step` on, forever.
 
   Yields {'image': float32 [batch_size // process_count, S, S, 3], 'label': int32 [b]}, with
   S = config.image_size, pixels on 0..255 minus the mean. The batch at global step t depends only
   on (config, t): starting at start_step=t gives what an iterator started at 0 gives after t
   batches. `mean` is what §2 subtracts (`stats.mean_to_subtract`). Writes no file.
+  on_device: yield instead uint8 'image' [b, S, S, 3], 'crop' int32 [b, 3] and 'lighting'
+  float32 [b, 3], which `on_device.finisher(config, mean)` turns into the same float images
+  inside the jitted step (synthetic data stays float32: it has nothing to finish).
   """
   info = get_dataset_info(config)
   steps = steps_per_epoch(config, info)
@@ -238,12 +330,13 @@ def train_iterator(config, *, start_step: int = 0,
     return _repeat(_synthetic_batch(config, b, jax.process_index()))
   if isinstance(split, data_sources.IndexedSplit):
     _check_usable(split)
-  augment_fn = _train_augment(config, mean)
+  augment_fn = _train_patch(config) if on_device else _train_augment(config, mean)
   seed = tf.constant(config.seed, tf.int64)
 
   def preprocess(el):
     key = tf.random.experimental.stateless_fold_in(tf.stack([seed, el['epoch']]), el['position'])
-    out = {'image': augment_fn(el['image'], key), 'label': el['label']}
+    patch = augment_fn(el['image'], key)
+    out = {**(patch if on_device else {'image': patch}), 'label': el['label']}
     if 'primary' in el:
       out.update(primary=el['primary'], attempt=el['attempt'])
     return out
@@ -273,7 +366,8 @@ def _log_unreadable_train(ds: tf.data.Dataset, split) -> Iterator[dict[str, np.n
 
 
 def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
-                  mean: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
+                  mean: np.ndarray | None, on_device: bool = False
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over an evaluation split: every example once over all processes.
 
   Yields {'image': float32 [b, S, S, 3] (central patch) or [b, 10, S, S, 3] (§4.1's ten patches
@@ -281,6 +375,7 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
   process_count. The last batch is padded (mask False) and every process yields the same number
   of batches. Unreadable images ('folder') are left out and logged, with their paths, at the end.
   Each image is `augment.eval_patches` of its square (`mean` subtracted, then cropped).
+  on_device: the patches are uint8, without the mean, which `on_device.finisher` subtracts.
   """
   name = split or config.eval_split
   get_dataset_info(config)  # Checks the classes fit num_classes.
@@ -293,7 +388,10 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
     return _synthetic_eval(source, b, image_shape, num_batches)
 
   def preprocess(square, label, index):
-    image = augment.eval_patches(square, mean, size, ten_crop)
+    if on_device:
+      image = augment.test_patches(augment.to_uint8(square), size, ten_crop)
+    else:
+      image = augment.eval_patches(square, mean, size, ten_crop)
     return {'image': image, 'label': label, 'index': index, 'mask': True}
 
   if isinstance(source, data_sources.IndexedSplit):
@@ -305,12 +403,18 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
         num_parallel_calls=tf.data.AUTOTUNE)
     if source.may_fail:
       ds = ds.ignore_errors()
+  elif isinstance(source, data_sources.ShardedSplit):  # contiguous slices, sizes within one
+    n = source.num_examples
+    lo, hi = p * n // num_processes, (p + 1) * n // num_processes
+    ds = source.records(lo, hi).enumerate(lo).map(
+        lambda i, ex: preprocess(source.decode(ex['encoded']), ex['label'], i),
+        num_parallel_calls=tf.data.AUTOTUNE)
   else:
     ds = source.records(p, num_processes).enumerate().map(
         lambda i, ex: preprocess(source.decode(ex['image']), ex['label'], i),
         num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(image_shape), 'label': tf.constant(PADDING_LABEL, tf.int32),
+      'image': tf.zeros(image_shape, tf.uint8 if on_device else tf.float32), 'label': tf.constant(PADDING_LABEL, tf.int32),
       'index': tf.constant(-1, tf.int64), 'mask': False}).repeat()
   ds = ds.concatenate(padding).take(num_batches * b).batch(b)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

@@ -9,6 +9,8 @@ Two kinds of split:
   memory when config.cache is set). Training draws an exact per-epoch permutation.
 - `StreamSplit`: a TFDS split read from its files in a fixed order (ImageNet); training shuffles
   it with a seeded shuffle buffer.
+- `ShardedSplit`: a split prepared once into 256x256 JPEG shards (`alexnet_jax.data.prepare`,
+  dataset='prepared'): read by example ranges of its files, whose counts the index holds.
 """
 
 from __future__ import annotations
@@ -77,7 +79,33 @@ class SyntheticSplit:
   num_classes: int
 
 
-Split = IndexedSplit | StreamSplit | SyntheticSplit
+@dataclasses.dataclass(frozen=True)
+class ShardedSplit:
+  """A prepared split: TFRecord files of square JPEGs, with the number of examples of each."""
+  files: tuple[str, ...]
+  counts: tuple[int, ...]
+  location: str
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.counts)
+
+  def records(self, start: int, stop: int) -> tf.data.Dataset:
+    """{'encoded', 'label'} of examples [start, stop) of the files in their stored order."""
+    ends = np.cumsum(self.counts)
+    segments = [(f, max(start - (end - n), 0), min(stop, end) - max(start, end - n))
+                for f, n, end in zip(self.files, self.counts, ends)]
+    segments = [s for s in segments if s[2] > 0]
+    return read_segments(tf.constant([s[0] for s in segments], tf.string),
+                         tf.constant([s[1] for s in segments], tf.int64),
+                         tf.constant([s[2] for s in segments], tf.int64)).map(parse_prepared)
+
+  def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+    """A record's JPEG -> its uint8 square."""
+    return decode_prepared(encoded)
+
+
+Split = IndexedSplit | StreamSplit | SyntheticSplit | ShardedSplit
 
 
 def decode_center_square(encoded: tf.Tensor, resize_size: int,
@@ -285,6 +313,97 @@ def digits_arrays(resize_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
           'test': (to_square(test_x), test_y.astype(np.int32))}
 
 
+# ---------------------------------------------------------------------------- prepared
+
+PREPARED = 'prepared'  # config.dataset of a folder written by `alexnet_jax.data.prepare`.
+PREPARED_FORMAT = 'alexnet_jax.prepared/1'
+PREPARED_INDEX = 'index.json'  # written last: a folder without it is not (yet) prepared.
+PREPARED_STATS = 'stats.npz'  # `data.stats` format: mean image, RGB mean, PCA.
+_PREPARED_FEATURES = {'image': tf.io.FixedLenFeature([], tf.string),
+                      'label': tf.io.FixedLenFeature([], tf.int64)}
+
+
+def prepared_shard_name(split: str, index: int, num_shards: int) -> str:
+  """The file name of shard `index` of a prepared split."""
+  return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def prepared_record(jpeg: bytes, label: int) -> bytes:
+  """One serialized record of a prepared shard: a tf.train.Example {'image', 'label'}."""
+  return tf.train.Example(features=tf.train.Features(feature={
+      'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+      'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+  })).SerializeToString(deterministic=True)  # map order fixed: same bytes in any process
+
+
+def parse_prepared(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  """Serialized records (any shape) -> {'encoded': JPEG bytes, 'label': int32}."""
+  if serialized.shape.rank == 0:
+    ex = tf.io.parse_single_example(serialized, _PREPARED_FEATURES)
+  else:
+    ex = tf.io.parse_example(serialized, _PREPARED_FEATURES)
+  return {'encoded': ex['image'], 'label': tf.cast(ex['label'], tf.int32)}
+
+
+def decode_prepared(encoded: tf.Tensor) -> tf.Tensor:
+  """A prepared JPEG -> its uint8 square [R, R, 3], decoded whole (a fused crop would change
+  the pixels at the patch's edges by a few levels, with the offset: measured)."""
+  return tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=3), [None, None, 3])
+
+
+def read_segments(files: tf.Tensor, skips: tf.Tensor, takes: tf.Tensor) -> tf.data.Dataset:
+  """Serialized records: takes[i] records of files[i] after its first skips[i], in turn."""
+  return tf.data.Dataset.from_tensor_slices((files, skips, takes)).flat_map(
+      lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t))
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared_index_of(data_dir: str) -> dict:
+  import json  # pylint: disable=g-import-not-at-top
+  path = paths.resolve(data_dir) / PREPARED_INDEX
+  if not path.exists():
+    progress = (paths.resolve(data_dir) / '.progress').exists()
+    raise DataError(
+        f"dataset='prepared' reads a folder written by `python -m alexnet_jax.data.prepare`; "
+        f'{path} does not exist' + (' (the preparation there is unfinished: rerun it to resume)'
+                                    if progress else '') + f' (--config.data_dir={data_dir}).')
+  index = json.loads(path.read_text())
+  if index.get('format') != PREPARED_FORMAT:
+    raise DataError(f'{path} is of format {index.get("format")!r}; this version reads '
+                    f'{PREPARED_FORMAT!r}: prepare the dataset again.')
+  return index
+
+
+def prepared_index(config) -> dict:
+  """The index.json of the prepared dataset in config.data_dir."""
+  if not config.data_dir:
+    raise DataError("dataset='prepared' needs --config.data_dir=DIR, the output of "
+                    '`python -m alexnet_jax.data.prepare`.')
+  return _prepared_index_of(str(paths.resolve(config.data_dir)))
+
+
+def prepared_stats_path(config) -> str:
+  """Where the preparation saved the training set's statistics."""
+  return str(paths.resolve(config.data_dir) / prepared_index(config)['stats']['file'])
+
+
+def _prepared_split(config, split: str) -> ShardedSplit:
+  index = prepared_index(config)
+  if split not in index['splits']:
+    raise DataError(f"The prepared dataset in {config.data_dir} has splits "
+                    f"{sorted(index['splits'])}; got split={split!r}.")
+  settings = index['settings']
+  if settings['resize_size'] != config.resize_size:
+    raise DataError(f'The prepared images in {config.data_dir} are {settings["resize_size"]}x'
+                    f'{settings["resize_size"]}; config.resize_size={config.resize_size}: set '
+                    f'--config.resize_size={settings["resize_size"]} or prepare again.')
+  shards = index['splits'][split]['shards']
+  root = paths.resolve(config.data_dir)
+  return ShardedSplit(files=tuple(str(root / s['file']) for s in shards),
+                      counts=tuple(s['num_examples'] for s in shards),
+                      location=f'{root}[{split}]')
+
+
 # ---------------------------------------------------------------------------- all sources
 
 
@@ -300,6 +419,11 @@ def dataset_info(config) -> DatasetInfo:
   if config.dataset == 'folder':
     classes = folder_class_names(config)
     sizes = [len(_list_folder(_split_dir(config, s))[1])
+             for s in (config.train_split, config.eval_split)]
+    return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
+  if config.dataset == PREPARED:
+    classes = tuple(prepared_index(config)['class_names'])
+    sizes = [_prepared_split(config, s).num_examples
              for s in (config.train_split, config.eval_split)]
     return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
   builder = tfds_builder(config)
@@ -329,6 +453,8 @@ def open_split(config, split: str) -> Split:
                         location=f'digits[{split}]')
   if config.dataset == 'folder':
     return _folder_split(config, split)
+  if config.dataset == PREPARED:
+    return _prepared_split(config, split)
   builder = tfds_builder(config)
   decode = _decoder(config)
   if config.cache:  # small dataset: exact permutations from an in-memory copy.

@@ -61,6 +61,68 @@ def _square_images(config, num_images: int | None) -> tuple[tf.data.Dataset, int
   return ds.batch(_BATCH).prefetch(2), n
 
 
+class StatsSums:
+  """Running sums over square images from which `finish` gives the statistics.
+
+  The sums are on the 0..255 scale, so for uint8-valued images (every prepared square) they
+  are integers, exact in float64 up to 2**53: order-independent, and the same however the
+  images were split between workers or shards (`merge`).
+  """
+
+  def __init__(self, resize_size: int):
+    self.resize_size = resize_size
+    self.pixel_sum = np.zeros([resize_size, resize_size, 3])  # per-pixel sum
+    self.outer_sum = np.zeros([3, 3])  # sum of x x^T over every pixel
+    self.count = 0
+
+  def add(self, images: np.ndarray) -> None:
+    """Adds a batch [n, R, R, 3] (or one image [R, R, 3]) on the 0..255 scale."""
+    images = np.asarray(images, np.float64).reshape((-1, self.resize_size, self.resize_size, 3))
+    self.pixel_sum += images.sum(axis=0)
+    rgb = images.reshape(-1, 3)
+    self.outer_sum += rgb.T @ rgb
+    self.count += len(images)
+
+  def merge(self, other: 'StatsSums') -> None:
+    self.pixel_sum += other.pixel_sum
+    self.outer_sum += other.outer_sum
+    self.count += other.count
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The sums as arrays (to save progress); `from_arrays` reads them back."""
+    return {'pixel_sum': self.pixel_sum, 'outer_sum': self.outer_sum,
+            'count': np.int64(self.count)}
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, np.ndarray]) -> 'StatsSums':
+    sums = cls(arrays['pixel_sum'].shape[0])
+    sums.pixel_sum = np.asarray(arrays['pixel_sum'], np.float64)
+    sums.outer_sum = np.asarray(arrays['outer_sum'], np.float64)
+    sums.count = int(arrays['count'])
+    return sums
+
+  def finish(self, dataset: str) -> dict[str, np.ndarray]:
+    """The statistics (see `compute_stats`) of the images added."""
+    if self.count == 0:
+      raise data_sources.DataError(f'No readable training images in {dataset!r}.')
+    r, n = self.resize_size, self.count
+    mean_image = self.pixel_sum / n
+    rgb_mean = mean_image.mean(axis=(0, 1)) / augment.PIXEL_MAX
+    covariance = self.outer_sum / (n * r * r * augment.PIXEL_MAX**2) - np.outer(rgb_mean,
+                                                                                 rgb_mean)
+    eigval, eigvec = np.linalg.eigh(covariance)
+    # A covariance has no negative eigenvalues; rounding makes those of grey images about -1e-17,
+    # and the 'cuda_convnet' lighting takes their square root.
+    eigval = np.maximum(eigval, 0.0)
+    order = np.argsort(eigval)[::-1]
+    return {'mean_image': mean_image.astype(np.float32),
+            'rgb_mean': (rgb_mean * augment.PIXEL_MAX).astype(np.float32),
+            'eigval': eigval[order].astype(np.float32),
+            'eigvec': eigvec[:, order].astype(np.float32),
+            'num_images': np.int64(n), 'resize_size': np.int64(r),
+            'dataset': np.str_(dataset)}
+
+
 def compute_stats(config, num_images: int | None = None) -> dict[str, np.ndarray]:
   """Mean image, RGB mean and the eigen-decomposition of the RGB covariance of training images.
 
@@ -74,39 +136,20 @@ def compute_stats(config, num_images: int | None = None) -> dict[str, np.ndarray
     on a 0..1 scale, as `augment.pca_lighting` expects; 'num_images', 'resize_size', 'dataset'.
   """
   ds, n = _square_images(config, num_images)
-  r = config.resize_size
-  pixel_sum = np.zeros([r, r, 3])
-  outer_sum = np.zeros([3, 3])  # sum of x x^T over all pixels, 0..1 scale.
-  count, start, next_log = 0, time.time(), _LOG_EVERY_IMAGES
+  sums = StatsSums(config.resize_size)
+  start, next_log = time.time(), _LOG_EVERY_IMAGES
   for batch in ds.as_numpy_iterator():
-    batch = batch.astype(np.float64)
-    pixel_sum += batch.sum(axis=0)
-    rgb = batch.reshape(-1, 3) / augment.PIXEL_MAX
-    outer_sum += rgb.T @ rgb
-    count += len(batch)
-    if count >= next_log or count == n:
-      logging.info('data_stats: %d / %d images (%.0f images/s)', count, n,
-                   count / max(time.time() - start, 1e-9))
+    sums.add(batch)
+    if sums.count >= next_log or sums.count == n:
+      logging.info('data_stats: %d / %d images (%.0f images/s)', sums.count, n,
+                   sums.count / max(time.time() - start, 1e-9))
       next_log += _LOG_EVERY_IMAGES
-  if count == 0:
+  if sums.count == 0:
     raise data_sources.DataError(f'No readable training images in {config.dataset!r} '
                                  f'(data_dir={config.data_dir!r}).')
-  if count < n:
-    logging.warning('data_stats: %d of %d images were unreadable and skipped.', n - count, n)
-  mean_image = pixel_sum / count
-  rgb_mean = mean_image.mean(axis=(0, 1)) / augment.PIXEL_MAX
-  covariance = outer_sum / (count * r * r) - np.outer(rgb_mean, rgb_mean)
-  eigval, eigvec = np.linalg.eigh(covariance)
-  # A covariance has no negative eigenvalues; rounding makes those of grey images about -1e-17,
-  # and the 'cuda_convnet' lighting takes their square root.
-  eigval = np.maximum(eigval, 0.0)
-  order = np.argsort(eigval)[::-1]
-  return {'mean_image': mean_image.astype(np.float32),
-          'rgb_mean': (rgb_mean * augment.PIXEL_MAX).astype(np.float32),
-          'eigval': eigval[order].astype(np.float32),
-          'eigvec': eigvec[:, order].astype(np.float32),
-          'num_images': np.int64(count), 'resize_size': np.int64(r),
-          'dataset': np.str_(config.dataset)}
+  if sums.count < n:
+    logging.warning('data_stats: %d of %d images were unreadable and skipped.', n - sums.count, n)
+  return sums.finish(config.dataset)
 
 
 def save_stats(path: str, stats: dict[str, np.ndarray]) -> None:
@@ -155,7 +198,8 @@ _COMPUTED: dict[tuple, dict[str, np.ndarray]] = {}
 
 def training_stats(config, workdir: str, is_writer: bool = True
                    ) -> dict[str, np.ndarray] | None:
-  """The statistics a training run uses: config.stats_file, else the workdir's, else computed.
+  """The statistics a training run uses: config.stats_file, else a prepared dataset's own, else
+  the workdir's, else computed.
 
   Computed from config.stats_num_images training images (all of them for 'digits') by
   `compute_stats` and saved as workdir/data_stats.npz (by the process with `is_writer`); reused
@@ -167,6 +211,13 @@ def training_stats(config, workdir: str, is_writer: bool = True
   if config.stats_file:
     return load_stats(config.stats_file)
   path = paths.resolve(workdir) / STATS_FILENAME
+  if config.dataset == data_sources.PREPARED:  # The preparation computed them from every image.
+    stats = load_stats(data_sources.prepared_stats_path(config))
+    if is_writer:  # The run keeps its own copy (evaluate, predict and figures read it).
+      save_stats(path, stats)
+    logging.info('Using the statistics of the prepared dataset (%d images).',
+                 int(stats['num_images']))
+    return stats
   if path.exists():
     stats = load_stats(path)
     if _matches(stats, config):
