@@ -48,7 +48,7 @@ def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop
   config = run.config
   config.num_eval_steps = -1
   restored = run.restore()
-  theirs = evaluation.evaluate(steps.pmapped_eval_step(restored.model),
+  theirs = evaluation.evaluate(evaluation.pmapped_eval_step(restored.model, config, run.mean()),
                                steps.replicate(restored.params), config,
                                ten_crop=evaluate.CROP_SETTINGS[crop], mean=run.mean())
   assert mine['num_examples'] == theirs['eval/num_examples'] == NUM_TEST_DIGITS

@@ -118,3 +118,25 @@ def test_paper_config_prepares_trains_and_evaluates_a_miniature_imagenet(tmp_pat
          for ex in builder.as_dataset(split='validation',
                                       decoders={'image': tfds.decode.SkipDecoding()})}
   assert val == dict(zip(written['val'], written['val_labels']))
+
+  # The one-pass preparation reads the TFDS dataset (data/prepare.py's TFDS source): every image
+  # once, the ILSVRC class names, the statistics of the training images; a run reads it back.
+  from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  prepared = tmp_path / 'prepared'
+  index = prepare.prepare(prepare.Settings(
+      source='imagenet2012', data_dir=str(data), splits=('train', 'validation'),
+      train_split='train', resize_size=256, antialias=True, quality=90, shard_size=4),
+      str(prepared), workers=1)
+  assert [index['splits'][s]['num_examples'] for s in ('train', 'validation')] == [
+      num_train, num_val]
+  assert index['splits']['train']['num_unreadable'] == 0
+  assert index['class_names'] == list(label_feature.names)
+  assert index['stats']['num_images'] == num_train
+  config = alexnet.get_config()
+  config.update(dataset='prepared', data_dir=str(prepared), batch_size=4, eval_batch_size=4)
+  batch = next(pipeline.train_iterator(config, mean=None, on_device=True))
+  assert batch['image'].shape == (4, 224, 224, 3) and batch['image'].dtype == np.uint8
+  names = {label_feature.int2str(int(i)) for i in batch['label']}
+  assert names <= set(written['train'])

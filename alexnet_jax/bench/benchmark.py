@@ -245,31 +245,45 @@ def _jpeg_folder(directory: str | None, num: int) -> str:
 
 
 def measure_pipeline(config: Any, directory: str, batches: int) -> dict[str, Any]:
-  """The paper's training preprocessing on real JPEGs (see pipeline_benchmark)."""
+  """The paper's training preprocessing (see pipeline_benchmark): with
+  config.device_preprocessing from the prepared shards of the JPEGs, uint8 out; else from the
+  full-size JPEGs, float32 out."""
   # pylint: disable-next=g-import-not-at-top
   from alexnet_jax.bench import pipeline as pipeline_benchmark
-  r = pipeline_benchmark.benchmark(config, directory, batches, warmup=3)
+  r = pipeline_benchmark.benchmark(config, directory, batches, warmup=3,
+                                   prepared=config.device_preprocessing)
   return {'measurement': 'pipeline', 'pipeline_images_per_sec': r['images_per_sec'],
-          'batch_size': r['batch_size'], 'num_files': r['num_files']}
+          'source': r['source'], 'bytes_to_device_per_image': r['bytes_to_device_per_image'],
+          'batch_size': r['batch_size'], 'num_files': r['num_files'], 'cpus': r['cpus']}
 
 
 def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
                  warmup: int) -> dict[str, Any]:
-  """The input pipeline on real JPEGs feeding the training step, as in training."""
+  """The input pipeline feeding the training step, as in training: from the prepared shards of
+  the JPEGs with the device finishing uint8 patches (config.device_preprocessing), else from
+  the full-size JPEGs in float32."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import on_device  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from alexnet_jax.bench import pipeline as pipeline_benchmark
   config = config.copy_and_resolve_references()
   config.dataset, config.data_dir, config.eval_split = 'folder', directory, 'train'
   config.stats_num_images = 256
+  device = config.device_preprocessing
+  if device:
+    config.data_dir, _ = pipeline_benchmark.prepared_copy(config, directory)
+    config.dataset = 'prepared'
   model, tx, rstate, devices = _setup(config, num_devices, kernels_lib.resolve(config))
-  p_train = steps.pmapped_train_step(model, tx, devices)
   lr = np.float32(config.learning_rate)
   with tempfile.TemporaryDirectory() as workdir:
     mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
-    it = input_pipeline.train_iterator(config, mean=mean)
+    p_train = steps.pmapped_train_step(model, tx, devices,
+                                       on_device.finisher(config, mean) if device else None)
+    it = input_pipeline.train_iterator(config, mean=mean, on_device=device)
     # Fed as training feeds it: config.device_prefetch batches placed on the devices ahead.
     batches = steps.device_batches(it, config.device_prefetch, devices)
     holder = {'state': rstate}
@@ -285,7 +299,7 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
   return {'measurement': 'loop', 'train_images_per_sec': config.batch_size / median,
           'step_ms': median * 1e3, 'compile_s': max(first - median, 0.0),
           'devices': num_devices, 'batch_size': config.batch_size, 'dtype': config.dtype,
-          'device_prefetch': config.device_prefetch}
+          'device_prefetch': config.device_prefetch, 'source': config.dataset}
 
 
 def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]:
@@ -370,8 +384,8 @@ def run_peer(peer: str, batch: int, steps_: int,
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
   keys = [k for k in result if k != 'measurement']
-  cells = ', '.join(f'{k}={result[k]:.1f}' if isinstance(result[k], float) else
-                    f'{k}={result[k]}' for k in keys)
+  cells = ', '.join(f'{k}={result[k]:.{3 if k.startswith("ratio") else 1}f}'
+                    if isinstance(result[k], float) else f'{k}={result[k]}' for k in keys)
   print(f'{result["measurement"]:>16s}: {cells}', flush=True)
   if as_json:
     print(json.dumps(result), flush=True)
@@ -441,6 +455,10 @@ def main(argv) -> None:
       _print(results[-1], FLAGS.json)
     if 'loop' in FLAGS.what:
       results.append(measure_loop(config, directory, FLAGS.devices, FLAGS.steps, FLAGS.warmup))
+      bare = [r for r in results if r['measurement'] == 'train']
+      if bare:  # the loop against the bare step of the same run: 1.0 means fed in full
+        results[-1]['ratio_loop_to_step'] = (results[-1]['train_images_per_sec'] /
+                                             bare[0]['train_images_per_sec'])
       _print(results[-1], FLAGS.json)
   if 'layers' in FLAGS.what:
     for r in measure_layers(config.batch_size, FLAGS.steps, FLAGS.warmup):

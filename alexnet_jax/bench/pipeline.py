@@ -1,14 +1,23 @@
-"""Input-pipeline throughput: the paper's training preprocessing on a folder of real-size JPEGs.
+"""Input-pipeline throughput: the paper's training preprocessing, from full-size JPEGs or from
+the prepared 256x256 shards.
 
   python -m alexnet_jax.bench.pipeline --num_images=512 --batches=20 [--dir=bench_data] \
       [--config=configs/alexnet.py]
+  python -m alexnet_jax.bench.pipeline --prepared --num_images=2048 --batches=40
+  taskset -c 0 python -m alexnet_jax.bench.pipeline --prepared ...   # one core
 
 Writes `num_images` JPEGs of ImageNet-like sizes (about 500x375, some portrait, some larger) with
 smooth, natural-looking content into --dir (reused if it already holds them; a temporary folder
-by default), then times `data.pipeline.train_iterator` with --config (configs/alexnet.py) and
-dataset='folder': decode of the central square, resize to 256, mean image, random 224 crop,
-flip and PCA lighting, batches of 128. Prints images/second after --warmup batches, and a JSON
-line. Run it on a quiet machine: it uses every core tf.data can get.
+by default), then times `data.pipeline.train_iterator` with --config (configs/alexnet.py):
+- default, dataset='folder': decode of the central square, resize to 256, mean image, random 224
+  crop, flip and PCA lighting, float32 batches of 128, as with --config.device_preprocessing
+  False;
+- --prepared: the folder is first prepared (`data.prepare`, timed: images/s per worker) into
+  DIR_prepared, then read as dataset='prepared' with the device's share left out (uint8 patches,
+  crop positions and lighting shifts, `on_device=True`): what the host does per image when the
+  device finishes it. Reports the bytes per image sent to the device.
+Prints images/second after --warmup batches, and a JSON line. Run it on a quiet machine: it uses
+every core it may (pin it with taskset to measure fewer).
 """
 
 from __future__ import annotations
@@ -84,9 +93,37 @@ def _count_images(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
 
 
+def cpus() -> int:
+  """The cores this process may run on (taskset narrows them)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def prepared_copy(config, directory: str) -> tuple[str, dict]:
+  """directory/train prepared once into directory + '_prepared' (reused when finished there);
+  returns the folder and {'prepare_images_per_sec', 'prepare_workers', 'bytes_per_image'}."""
+  from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  output = directory.rstrip('/') + '_prepared'
+  settings = prepare.Settings(source='folder', data_dir=directory, splits=('train',),
+                              train_split='train', resize_size=config.resize_size,
+                              antialias=config.resize_antialias,
+                              quality=prepare.DEFAULT_QUALITY,
+                              shard_size=prepare.DEFAULT_SHARD_SIZE // 4)
+  fresh = not os.path.exists(os.path.join(output, 'index.json'))
+  start = time.perf_counter()
+  index = prepare.prepare(settings, output, workers=cpus())
+  seconds = time.perf_counter() - start
+  train = index['splits']['train']
+  out = {'bytes_per_stored_image': round(train['bytes'] / train['num_examples'])}
+  if fresh:
+    out.update(prepare_images_per_sec=round(train['num_examples'] / seconds, 1),
+               prepare_workers=cpus())
+  return output, out
+
+
 def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int | None = None,
-              antialias: bool | None = None) -> dict:
-  """Times train_iterator of `config` on directory/train; returns images/second and settings."""
+              antialias: bool | None = None, prepared: bool = False) -> dict:
+  """Times train_iterator of `config` on directory/train (or its prepared copy); returns
+  images/second, bytes per image sent to the device, and the settings."""
   # Imported here: TensorFlow and JAX start only after the files exist.
   from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
@@ -98,18 +135,26 @@ def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int
   if antialias is not None:
     config.resize_antialias = antialias
   antialias = config.resize_antialias
+  extra = {}
+  if prepared:
+    config.data_dir, extra = prepared_copy(config, directory)
+    config.dataset = 'prepared'
   with tempfile.TemporaryDirectory() as workdir:
     mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
-    iterator = input_pipeline.train_iterator(config, mean=mean)
+    iterator = input_pipeline.train_iterator(config, mean=mean, on_device=prepared)
     for _ in range(warmup):
-      next(iterator)
+      batch = next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
-      next(iterator)
+      batch = next(iterator)
     seconds = time.perf_counter() - start
+    iterator.close()
+  sent = sum(x.nbytes for x in batch.values()) / config.batch_size
   return {'images_per_sec': round(batches * config.batch_size / seconds, 1),
+          'source': 'prepared' if prepared else 'folder', 'bytes_to_device_per_image': sent,
           'batch_size': config.batch_size, 'batches': batches, 'seconds': round(seconds, 3),
-          'num_files': _count_images(directory), 'cpus': os.cpu_count(), 'antialias': antialias}
+          'num_files': _count_images(directory), 'cpus': cpus(), 'antialias': antialias,
+          **extra}
 
 
 def _define_flags() -> None:
@@ -123,6 +168,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('dir', None, 'Folder for the JPEGs, reused if present (default: temp).')
   flags.DEFINE_bool('antialias', None, 'Antialiased resize to 256 (default: the config\'s '
                     'resize_antialias).')
+  flags.DEFINE_bool('prepared', False, 'Prepare the JPEGs once (timed) and read the prepared '
+                    'shards, uint8 to the device, instead of the full-size JPEGs.')
 
 
 def main(argv) -> None:
@@ -141,9 +188,16 @@ def main(argv) -> None:
       start = time.perf_counter()
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
-    result = benchmark(f.config, directory, f.batches, f.warmup, f.batch_size, f.antialias)
-  print(f'{result["images_per_sec"]:.1f} images/s (batch {result["batch_size"]}, '
-        f'{result["batches"]} batches, {result["num_files"]} files, {result["cpus"]} CPUs)')
+    result = benchmark(f.config, directory, f.batches, f.warmup, f.batch_size, f.antialias,
+                       f.prepared)
+  if 'prepare_images_per_sec' in result:
+    print(f'Prepared {result["num_files"]} images at {result["prepare_images_per_sec"]:.1f} '
+          f'images/s with {result["prepare_workers"]} workers '
+          f'({result["bytes_per_stored_image"] / 1e3:.1f} KB per stored image)')
+  print(f'{result["images_per_sec"]:.1f} images/s from {result["source"]} (batch '
+        f'{result["batch_size"]}, {result["batches"]} batches, {result["num_files"]} files, '
+        f'{result["cpus"]} CPUs), {result["bytes_to_device_per_image"] / 1e3:.1f} KB per image '
+        'to the device')
   print(json.dumps(result))
 
 

@@ -55,6 +55,15 @@ def initial_state(config: Any, kernels: Kernels | None = None
   return model, tx, jax.tree_util.tree_map(np.asarray, state)
 
 
+def _finished(batch: dict[str, jax.Array], finish: Callable | None) -> dict[str, jax.Array]:
+  if finish is not None:
+    return finish(batch)
+  if batch['image'].dtype == jnp.uint8:  # (at trace time) never feed raw pixels to the network
+    raise ValueError('uint8 patches reached the step without `finish` '
+                     '(data.on_device.finisher): build the step with it.')
+  return batch
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation,
                finish: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -63,8 +72,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: ja
   Every device draws its own dropout masks: the key is folded with the step and the device index.
   `finish` (`data.on_device.finisher`) turns uint8 patches into the network's float images.
   """
-  if finish is not None:
-    batch = finish(batch)
+  batch = _finished(batch, finish)
   key = jax.random.wrap_key_data(state.rng)
   dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
 
@@ -105,8 +113,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
   A batch of shape [B, 10, H, W, 3] is the paper's 10-crop test (§4.1): the softmax outputs of
   the ten patches are averaged before the errors are counted. `finish` as in `train_step`.
   """
-  if finish is not None:
-    batch = finish(batch)
+  batch = _finished(batch, finish)
   probs = probabilities(params, batch['image'], model=model)
   return lax.psum(metrics_lib.error_sums(probs, batch['label'], batch['mask']), AXIS)
 

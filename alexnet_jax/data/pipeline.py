@@ -414,7 +414,8 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
         lambda i, ex: preprocess(source.decode(ex['image']), ex['label'], i),
         num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(image_shape, tf.uint8 if on_device else tf.float32), 'label': tf.constant(PADDING_LABEL, tf.int32),
+      'image': tf.zeros(image_shape, tf.uint8 if on_device else tf.float32),
+      'label': tf.constant(PADDING_LABEL, tf.int32),
       'index': tf.constant(-1, tf.int64), 'mask': False}).repeat()
   ds = ds.concatenate(padding).take(num_batches * b).batch(b)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

@@ -55,10 +55,10 @@ from alexnet_jax.data import stats as data_stats
 from alexnet_jax.errors import DataError
 from alexnet_jax.errors import UserError
 
-# Measured on 256x256 squares of photograph-like images (BENCHMARKS.md): quality 90 leaves an
-# RMS error of about 3 levels of 255 against the unrounded square, below the colour shift of
-# §4.1's PCA lighting (std about 5.5 levels along the first component) and far below what changes
-# a network's top-1 in published studies of JPEG quality; 95 costs 1.6x the bytes, 85 saves 25%.
+# Measured on 256x256 squares of photographs (BENCHMARKS.md): quality 90 leaves an RMS error of
+# 3.6-4.3 levels of 255, below the colour shift §4.1's PCA lighting adds on purpose (std about
+# 5.5 levels along the first component); the quality FFCV's ImageNet example stores. 95 costs
+# 1.4x the bytes, 85 saves 20%.
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~20 MB files for ImageNet, 1,252 training shards.
 SHUFFLE_SEED = 0  # the one-time order of the training split's files ('folder').
