@@ -436,11 +436,14 @@ def main(argv) -> None:
         f.source):
       raise UserError(f"--source={f.source!r}: 'folder' or a dataset of the installed "
                       'tensorflow-datasets (e.g. imagenet2012).')
-  cli.prepare_output(f.output, folder=True)
   settings = Settings(source=f.source, data_dir=str(paths.resolve(f.data_dir)) if f.data_dir
                       else None, splits=tuple(f.splits), train_split=f.train_split,
                       resize_size=f.resize_size, antialias=f.antialias, quality=f.quality,
                       shard_size=f.shard_size)
+  if settings.source == 'folder':  # a missing split folder: one line, and no --output made
+    for split in settings.splits:
+      sources._split_dir(_source_config(settings), split)  # pylint: disable=protected-access
+  cli.prepare_output(f.output, folder=True)
   index = prepare(settings, f.output, f.workers)
   for split, info in index['splits'].items():
     print(f'{split}: {info["num_examples"]} images ({info["num_unreadable"]} unreadable), '
