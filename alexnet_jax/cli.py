@@ -127,6 +127,12 @@ def prepare_output(path: str, flag: str = 'output', folder: bool = False) -> Non
                     f'({e.strerror or one_line(e)})') from None
 
 
+def format_duration(seconds: float) -> str:
+  """H:MM:SS, for the ETAs of long commands (training, preparation)."""
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
 def write_json(path: str, data: Any, indent: int = 2) -> None:
   """Writes a command's JSON result to `path` (whole or not at all), creating its folder; in a
   run of several processes, process 0 writes it (every process holds the same result)."""

@@ -228,10 +228,8 @@ def test_prepared_training_order_is_exact_on_resume_and_covers_each_epoch_once(p
         for x in b['image'])
     assert sum(seen.values()) == 28 and not seen - centre  # 28 distinct images of the 30
     assert max(seen.values()) == 1
-  first, second = (uninterrupted[e * steps]['label'] for e in range(2))
   assert [b['image'].tobytes() for b in uninterrupted[:steps]] != [
       b['image'].tobytes() for b in uninterrupted[steps:2 * steps]]  # a new order each epoch
-  del first, second
 
 
 def test_each_process_reads_its_own_slice(prepared, monkeypatch):

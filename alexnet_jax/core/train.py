@@ -78,11 +78,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 class _PendingMetrics:
   """Per-step metrics kept on the device until a log or a save fetches them (no sync per step)."""
 
@@ -281,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info('step %d/%d  epoch %.2f/%g  loss %.4f  top-1 err %.3f  lr %.2g  '
                        '%.1f img/s  ETA %s', step, total_steps, step / steps_per_epoch,
                        total_steps / steps_per_epoch, scalars['train/loss'],
-                       scalars['train/top1_error'], scalars['lr'], ips, _format_duration(eta))
+                       scalars['train/top1_error'], scalars['lr'], ips, cli.format_duration(eta))
           window_start, window_steps = time.time(), 0
 
         paused = time.time()  # Evaluations and saves do not count in training images/sec.

@@ -280,11 +280,6 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(settings)))
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 # ---------------------------------------------------------------------------- the whole pass
 
 
@@ -323,7 +318,7 @@ def prepare(settings: Settings, output: str, workers: int | None = None) -> dict
     rate = done_images / max(time.time() - t0, 1e-9)
     logging.info('%d/%d shards (%s), %d/%d images, %.0f images/s, ETA %s', len(progress.done),
                  len(shards), shard.filename, total_images - todo_images + done_images,
-                 total_images, rate, _format_duration((todo_images - done_images) / rate))
+                 total_images, rate, cli.format_duration((todo_images - done_images) / rate))
 
   by_key = {s.key: s for s in todo}
   if workers == 1:
