@@ -7,8 +7,12 @@
   of this happens on import: only a command sets what it needs.
 - Failure: a `UserError` (bad config value, missing workdir, checkpoint, dataset, image...)
   prints one line, `Error: <what, and how to fix it>`, on stderr and exits with status 2,
-  without a traceback; absl's own flag-parsing errors keep their usage message; anything else is
-  a bug and shows its traceback.
+  without a traceback; anything else is a bug and shows its traceback.
+- Flags: a command's config (`--config`, ml_collections' DEFINE_config_file) is held to that
+  convention as the flags are parsed (`parse_flags`), before the command's slow imports: an
+  override `--config.FIELD=VALUE` that names no field, that cannot be read as the field's kind
+  or that the field does not allow, or a config file that does not exist, is a UserError.
+  absl's errors for the other flags keep absl's message, usage hint and exit status 1.
 
 A command module also sets TF_CPP_MIN_LOG_LEVEL before its imports load TensorFlow (see
 `quiet_tensorflow_logs`), guarded by `if __name__ == '__main__'` so that importing it does not.
@@ -16,22 +20,40 @@ A command module also sets TF_CPP_MIN_LOG_LEVEL before its imports load TensorFl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from alexnet_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
+# The name every command gives its config flag; overrides are --config.FIELD=VALUE.
+CONFIG_FLAG = 'config'
 
 
 def quiet_tensorflow_logs() -> None:
-  """Hides TensorFlow's C++ start-up INFO lines; effective only before TensorFlow loads."""
+  """Hides TensorFlow's C++ start-up INFO lines, and keeps TensorFlow from importing Keras;
+  effective only before TensorFlow loads.
+
+  `import tensorflow` imports Keras' optimizers when Keras is installed (to register them for
+  SavedModels; it goes on without them when that import fails). Nothing here uses Keras, and
+  skipping it saves 2-3 s of every command's start on this 2-core machine (7.7 -> 4.8-5.9 s for
+  `import tensorflow`).
+  """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # `import tensorflow` writes Keras' settings file (its legacy tf.python.keras does, Keras or
+  # not): into the package's cache directory, not ~/.keras.
+  from alexnet_jax import paths  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault('KERAS_HOME', os.path.join(paths.cache_dir(), 'keras'))
+  if 'tensorflow' not in sys.modules:
+    sys.modules.setdefault('keras.src.optimizers', None)  # An import of it fails at once.
 
 
 def console_logging() -> None:
@@ -69,15 +91,106 @@ def one_line(error: BaseException) -> str:
   return ' '.join(str(error).split())
 
 
-def _guarded(main: Callable[[Sequence[str]], None], argv: Sequence[str]) -> None:
-  setup_tensorflow()
-  console_logging()
+@contextlib.contextmanager
+def _user_errors_exit() -> Iterator[None]:
+  """A UserError inside becomes `Error: <one line>` on stderr and exit status 2."""
   try:
-    main(argv)
+    yield
   except UserError as e:
     sys.stdout.flush()
     print(f'Error: {one_line(e)}', file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def _guarded(main: Callable[[Sequence[str]], None], argv: Sequence[str]) -> None:
+  setup_tensorflow()
+  console_logging()
+  with _user_errors_exit():
+    main(argv)
+
+
+def _overrides(argv: Sequence[str]) -> Iterator[tuple[str, str]]:
+  """(FIELD, VALUE) of each --config.FIELD=VALUE in argv, matched as ml_collections matches
+  them; a bare --config.FIELD is 'true', --noconfig.FIELD 'false' (absl's boolean switches)."""
+  for arg in argv[1:]:
+    if arg == '--':
+      return
+    match = re.match(rf'--?(no)?{CONFIG_FLAG}\.([^=]*)(?:=(.*))?$', arg, re.DOTALL)
+    if match:
+      yield match[2], match[3] if match[3] is not None else str(not match[1]).lower()
+
+
+@contextlib.contextmanager
+def _unknown_fields_named(argv: Sequence[str]) -> Iterator[None]:
+  """Turns ml_collections' AttributeError or KeyError for an override of a field the config
+  lacks (raised at DEFINE_config_file when the flag has a default file, else when the flags are
+  parsed) into the field's UserError; any other stays a bug, with its traceback."""
+  try:
+    yield
+  except (AttributeError, KeyError):
+    from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+    for field, value in _overrides(argv):
+      if field not in config_lib.SCHEMA:
+        raise config_lib.rejected(field, value) from None
+    raise
+
+
+def _unreadable_value(error: flags.IllegalFlagValueError) -> UserError | None:
+  """absl's error for an override its parser could not read (`flag --config.FIELD=VALUE:
+  <the parser's complaint>`) as the field's error, or None for any other flag."""
+  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+  message, cause = str(error), error.__context__
+  match = re.match(rf'flag --{CONFIG_FLAG}\.(\w+)=', message)
+  if match is None or cause is None or not message.endswith(f': {cause}'):
+    return None
+  value = message[match.end():len(message) - len(f': {cause}')]
+  return config_lib.rejected(match[1], value)
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  """The last value of --config in argv (--config=PATH or --config PATH), or None."""
+  path = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    match = re.match(rf'--?{CONFIG_FLAG}(=(.*))?$', arg, re.DOTALL)
+    if match:
+      path = match[2] if match[1] else (argv[i + 1] if i + 1 < len(argv) else None)
+  return path
+
+
+def parse_flags(argv: Sequence[str],
+                flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses argv into `flag_values` as absl does, and checks the command's config, if it has
+  one (`config.check_fields`), before its slow imports: a bad override or a missing config file
+  is a UserError naming it (`config.FIELD=VALUE: must be ...`); other flag errors stay absl's
+  flags.Error. Returns the arguments that are not flags."""
+  has_config = CONFIG_FLAG in flag_values
+  path = _config_file(argv) if has_config else None
+  # ml_collections defers a missing file's IOError to the config's first use.
+  if path is not None and not os.path.isfile(path.split(':', 1)[0]):
+    raise UserError(f'--{CONFIG_FLAG}={path}: not a file; pass the path of a config module '
+                    '(configs/*.py)')
+  try:
+    with _unknown_fields_named(argv):
+      rest = flag_values(list(argv))
+  except flags.IllegalFlagValueError as e:
+    raise _unreadable_value(e) or e from None
+  if has_config and flag_values[CONFIG_FLAG].value is not None:
+    from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.check_fields(flag_values[CONFIG_FLAG].value)
+  return rest
+
+
+def _parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
+  """`parse_flags` for app.run: a UserError exits 2 in one line; absl's own errors print
+  what absl's parser prints (message and usage hint) and exit 1."""
+  with _user_errors_exit():
+    try:
+      return parse_flags(argv)
+    except flags.Error as e:
+      sys.exit(f'FATAL Flags parsing error: {e}\n'
+               'Pass --helpshort or --helpfull to see help on flags.')
 
 
 def run(main: Callable[[Sequence[str]], None],
@@ -89,8 +202,9 @@ def run(main: Callable[[Sequence[str]], None],
   """
   quiet_tensorflow_logs()
   if define_flags is not None:
-    define_flags()
-  app.run(functools.partial(_guarded, main))
+    with _user_errors_exit(), _unknown_fields_named(sys.argv):
+      define_flags()
+  app.run(functools.partial(_guarded, main), flags_parser=_parse_flags_or_exit)
 
 
 def checkout_config(name: str) -> str | None:

@@ -37,3 +37,11 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   else:
     tmp.write_text(data, encoding='utf-8')
   tmp.replace(path)
+
+
+def cache_dir() -> str:
+  """The one place the package writes outside a run's workdir: `$ALEXNET_JAX_CACHE`, default
+  ~/.cache/alexnet_jax (the compiled oneDNN library; TensorFlow's Keras settings file, which
+  `import tensorflow` writes, via KERAS_HOME)."""
+  return os.environ.get('ALEXNET_JAX_CACHE',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax'))

@@ -102,7 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Optimisation (§5) ----
   c.batch_size = 128  # §5: batch 128 (global, over all devices).
   c.eval_batch_size = 128
-  c.num_epochs = 90  # §5: "roughly 90 cycles through the training set".
+  c.num_epochs = 90.0  # §5: "roughly 90 cycles through the training set".
   c.learning_rate = 0.01  # §5
   c.momentum = 0.9  # §5
   c.weight_decay = 5e-4  # §5
@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Loop, logging, checkpoints ----
   c.log_every_steps = 50
-  c.eval_every_epochs = 1
+  c.eval_every_epochs = 1.0
   c.eval_every_steps = 0  # >0 overrides eval_every_epochs.
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3

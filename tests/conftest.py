@@ -14,6 +14,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top  (after the environment above)
 
+from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
+
+cli.quiet_tensorflow_logs()  # As every command starts: TensorFlow without Keras.
+
 
 def train_tiny(path, **overrides) -> str:
   """Trains configs/tiny.py (16x16 digits) with `overrides` into `path`; returns the workdir."""

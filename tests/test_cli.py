@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from alexnet_jax import cli
 from alexnet_jax import errors
+from alexnet_jax.core import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
@@ -129,3 +132,146 @@ def test_an_output_that_cannot_be_written_stops_a_command_before_its_work(tmp_pa
   assert not (tmp_path / 'new' / 'deeper' / 'x.png').exists()
   cli.prepare_output(str(tmp_path / 'scaling'), folder=True)
   assert (tmp_path / 'scaling').is_dir()
+
+
+# ---------------------------------------------------------------- bad --config.FIELD=VALUE
+
+
+def _command_line_values(field):
+  """{category: texts} for --config.FIELD=TEXT that `field` must refuse, made from its own
+  description. A category a kind has none of is absent:
+  - str and optional path fields have no wrong type (every text is a string) and no range;
+  - bool has no range (a text is true, false or not a bool: the wrong type);
+  - choice: a wrong type is a text that is not one of the choices, out of range another.
+  Empty is refused by every field, the optional paths included: an empty value is far more
+  often a shell variable that expanded to nothing than a wish for None, the config's default.
+  """
+  number = lambda v: repr(float(v))  # a text whose parsed value prints as the text itself
+  values = {'empty': ['']}
+  if field.kind == 'int':
+    values['wrong type'] = ['abc', '1.5', 'True']
+    values['out of range'] = [str(field.low - 1), str(field.high + 1)]
+  elif field.kind == 'number':
+    values['wrong type'] = ['abc', 'True']
+    values['out of range'] = ['nan', 'inf', '-inf']  # no number field takes a non-finite one
+    if field.low is not None:
+      values['out of range'].append(number(field.low if field.low_open else field.low - 1))
+    if field.high is not None:
+      values['out of range'].append(number(field.high if field.high_open else field.high + 1))
+  elif field.kind == 'numbers':
+    values['wrong type'] = ['abc', '(1, x y)']
+    values['out of range'] = [f'({field.low - 1},)']
+  elif field.kind == 'bool':
+    values['wrong type'] = ['maybe', '2']
+  elif field.kind == 'choice':
+    values['wrong type'] = ['1']
+    values['out of range'] = [str(field.choices[0]).upper() + '!']
+  return values
+
+
+def _good_values(field):
+  """(text, value) pairs `field` must take from the command line, among them a fraction for a
+  number field: ml_collections reads an override by the type of the config's value, so an int
+  there would refuse it."""
+  if field.kind == 'int':
+    return [(str(field.low), field.low), (str(field.high), field.high)]
+  if field.kind == 'number':
+    return [(repr((field.low or 0) + 0.5), (field.low or 0) + 0.5)]
+  if field.kind == 'numbers':
+    return [('(0.5, 2)', (0.5, 2)), ('3', (3,))]
+  if field.kind == 'bool':
+    return [('false', False), ('True', True)]
+  if field.kind == 'choice':
+    return [(str(c), c) for c in field.choices]
+  return [('x', 'x'), ('a/b c', 'a/b c')]
+
+
+def _parse(*args, default=None):
+  """cli.parse_flags as a command runs it: main.py's config flag, in fresh flags."""
+  argv = ['main.py', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', default, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  cli.parse_flags(argv, flag_values)
+  return flag_values.config
+
+
+_NO_LOAD_MODULE_WARNING = pytest.mark.filterwarnings(  # ml_collections' loader, once per case
+    'ignore:the load_module:DeprecationWarning')
+
+
+@_NO_LOAD_MODULE_WARNING
+def test_every_field_refuses_bad_command_line_values_in_one_line():
+  cases, categories = 0, {}
+  for name, field in config_lib.SCHEMA.items():
+    values = _command_line_values(field)
+    categories.setdefault(field.kind, set()).update(values)
+    for category, texts in values.items():
+      for text in texts:
+        with pytest.raises(errors.ConfigError) as e:
+          _parse(f'--config={TINY}', f'--config.{name}={text}')
+        # The text as typed, as a string, or as the tuple a numbers field reads it into.
+        expected = [f'config.{name}={value}: must be {field.allowed()}'
+                    for value in (text, repr(text), repr((text,)))]
+        assert cli.one_line(e.value) == str(e.value) in expected, (category, name, text)
+        cases += 1
+  assert categories == {'int': {'wrong type', 'out of range', 'empty'},
+                        'number': {'wrong type', 'out of range', 'empty'},
+                        'numbers': {'wrong type', 'out of range', 'empty'},
+                        'choice': {'wrong type', 'out of range', 'empty'},
+                        'bool': {'wrong type', 'empty'}, 'str': {'empty'}}, categories
+  print(f'{cases} bad values over {len(config_lib.SCHEMA)} fields')
+
+
+@_NO_LOAD_MODULE_WARNING
+def test_every_field_takes_good_command_line_values():
+  for name, field in config_lib.SCHEMA.items():
+    for text, value in _good_values(field):
+      config = _parse(f'--config={TINY}', f'--config.{name}={text}')
+      assert config[name] == value and type(config[name]) is type(value), (name, text)
+
+
+@_NO_LOAD_MODULE_WARNING
+def test_an_unknown_field_or_a_missing_config_file_is_named():
+  with pytest.raises(errors.ConfigError, match=r"^config.learning_rat='0.1': no such field; "
+                     r'did you mean config.learning_rate\?$'):
+    _parse(f'--config={TINY}', '--config.learning_rat=0.1')
+  with pytest.raises(errors.ConfigError, match=r"^config.nope='true': no such field"):
+    _parse(f'--config={TINY}', '--config.nope')
+  # A config flag with a default file reads its overrides when it is defined (cli.run).
+  argv = ['cmd', '--config.nope=1']
+  with pytest.raises(errors.ConfigError, match=r"^config.nope='1': no such field"):
+    with cli._unknown_fields_named(argv):  # pylint: disable=protected-access
+      config_flags.DEFINE_config_file('config', TINY, flag_values=flags.FlagValues(),
+                                      sys_argv=argv)
+  with pytest.raises(errors.UserError, match=r'^--config=no/such.py: not a file'):
+    _parse('--config=no/such.py', '--config.seed=1')
+  with pytest.raises(errors.UserError, match=r'^--config=: not a file'):
+    _parse('--config=')
+
+
+@_NO_LOAD_MODULE_WARNING
+def test_other_flags_keep_absl_errors():
+  flag_values = flags.FlagValues()
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'mode', flag_values=flag_values)
+  with pytest.raises(flags.IllegalFlagValueError):
+    cli.parse_flags(['main.py', '--mode=bogus'], flag_values)
+  with pytest.raises(flags.Error):  # an override before its config file: ml_collections' own
+    _parse('--config.seed=1', f'--config={TINY}')
+
+
+def test_bad_config_values_stop_main_in_one_line_before_any_work(tmp_path):
+  """One real run per category, in both modes: nothing but the error line, nothing on disk."""
+  # (mode, field, text, the value the error names): wrong type, out of range, empty.
+  cases = [('train', 'batch_size', 'abc', 'abc'),
+           ('eval', 'seed', str(config_lib.INT_MAX + 1), config_lib.INT_MAX + 1),
+           ('train', 'cache', '', '')]
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), f'--config={TINY}',
+                             f'--workdir={tmp_path}/run', f'--mode={mode}',
+                             f'--config.{name}={text}'], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for mode, name, text, _ in cases]
+  for (mode, name, _, value), proc in zip(cases, procs):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_USER_ERROR, (mode, name, out, err[-3000:])
+    assert err.splitlines() == [f'Error: {config_lib.rejected(name, value)}'], err[-3000:]
+  assert os.listdir(tmp_path) == []

@@ -12,6 +12,7 @@ The paper's numbers live in configs/; this module holds only what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any
@@ -38,6 +39,10 @@ CONV_IMPLS = ('auto', 'direct', 'im2col')
 CONV_BACKENDS = ('auto', 'xla', 'onednn')
 
 _REQUIRED = object()
+# The default upper bound of an integer field: JAX computes in 32-bit integers (jax_enable_x64 is
+# off), so a larger seed, size or step count overflows there (`OverflowError ... int32`), far
+# from the flag that set it.
+INT_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +76,9 @@ class Field:
               'numbers': 'a tuple of numbers, each'}[self.kind]
       bounds = []
       if self.low is not None:
-        bounds.append(f'{">" if self.low_open else ">="} {self.low:g}')
+        bounds.append(f'{">" if self.low_open else ">="} {_number_text(self.low)}')
       if self.high is not None:
-        bounds.append(f'{"<" if self.high_open else "<="} {self.high:g}')
+        bounds.append(f'{"<" if self.high_open else "<="} {_number_text(self.high)}')
       text = what + (' ' + ' and '.join(bounds) if bounds else '')
     return text + (' (or None)' if self.optional else '')
 
@@ -103,11 +108,16 @@ class Field:
     return True
 
 
+def _number_text(bound: float) -> str:
+  """A bound as a reader writes it: 2147483647 (not 2.14748e+09), 0.5."""
+  return str(bound) if isinstance(bound, int) else f'{bound:g}'
+
+
 def _choice(*choices, legacy=_REQUIRED) -> Field:
   return Field('choice', choices=choices, legacy=legacy)
 
 
-def _int(low=None, high=None, legacy=_REQUIRED) -> Field:
+def _int(low=None, high=INT_MAX, legacy=_REQUIRED) -> Field:
   return Field('int', low=low, high=high, legacy=legacy)
 
 
@@ -207,14 +217,21 @@ def _fail(field: str, value: Any, why: str) -> ConfigError:
   return ConfigError(f'config.{field}={value!r}: {why}')
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError, naming field, value and what is allowed, for any value that cannot run.
+def rejected(field: str, value: Any) -> ConfigError:
+  """The error for `value` in `field`: a value of the wrong kind or out of bounds, or (from
+  the command line, `--config.FIELD=TEXT`) a text that cannot be read as the field's kind, or
+  a FIELD that is not one."""
+  if field not in SCHEMA:
+    close = difflib.get_close_matches(field, SCHEMA, n=1)
+    return _fail(field, value, f'no such field; did you mean config.{close[0]}?' if close else
+                 'no such field; the fields are those of configs/alexnet.py')
+  return _fail(field, value, f'must be {SCHEMA[field].allowed()}')
 
-  Checks every field of SCHEMA (and that there are no others), then the relations between
-  fields: crops no larger than the square, batches that split over `num_devices` (default: all
-  JAX devices), a dataset that exists here. Touches no network: a TFDS name is checked against
-  the builders registered in the installed tensorflow-datasets.
-  """
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless `config` has exactly the fields of SCHEMA, each of its kind and
+  within its bounds. Needs neither JAX nor the data: every command with a config flag runs it as
+  it parses its flags (`cli.parse_flags`), before its slow imports; `validate` runs it first."""
   missing = [name for name in SCHEMA if name not in config]
   if missing:
     raise ConfigError(f'the config lacks the fields {missing}: start from configs/alexnet.py')
@@ -223,9 +240,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f'the config has unknown fields {unknown}; the fields are those of '
                       'configs/alexnet.py')
   for name, field in SCHEMA.items():
-    value = config[name]
-    if not field.accepts(value):
-      raise _fail(name, value, f'must be {field.allowed()}')
+    if not field.accepts(config[name]):
+      raise rejected(name, config[name])
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError, naming field, value and what is allowed, for any value that cannot run.
+
+  Checks every field (`check_fields`), then the relations between fields: crops no larger than
+  the square, batches that split over `num_devices` (default: all JAX devices), a dataset that
+  exists here. Touches no network: a TFDS name is checked against the builders registered in
+  the installed tensorflow-datasets.
+  """
+  check_fields(config)
   if config.image_size > config.resize_size:
     raise _fail('image_size', config.image_size,
                 f'crops cannot be larger than the square image (resize_size={config.resize_size})')

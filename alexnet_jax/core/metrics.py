@@ -7,6 +7,7 @@ import math
 import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -68,13 +69,23 @@ def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return labels, values
 
 
+def tf_summary():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.summary
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard event files and to `workdir/metrics.jsonl` (process 0 only).
 
   metrics.jsonl holds one JSON object per line: {"step": N, "train/loss": ..., ...}.
+
+  `resume_step`: the step the run (re)starts from. Records of later steps, written by an earlier
+  attempt that stopped before its next checkpoint, are removed (with a half-written last line),
+  so that the rerun's records of those steps do not appear twice.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
@@ -83,16 +94,35 @@ class MetricWriter:
       workdir = paths.resolve(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       self._path = workdir / 'metrics.jsonl'
+      if resume_step is not None and self._path.exists():
+        self._drop_after(resume_step)
       if paths.is_url(workdir):  # Object stores cannot append: the file is rewritten whole.
         self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
       else:
         self._jsonl = self._path.open('a', encoding='utf-8')
       try:
         if tensorboard:
-          from flax.metrics import tensorboard as tb  # pylint: disable=g-import-not-at-top
-          self._tb = tb.SummaryWriter(str(workdir / 'tensorboard'))  # tf.io.gfile: URLs too
+          # tf.summary directly: flax.metrics.tensorboard imports TensorBoard's hparams plugin,
+          # which imports all of Keras (~3 s of every start; it writes ~/.keras).
+          import tensorflow as tf  # pylint: disable=g-import-not-at-top
+          self._tb = tf.summary.create_file_writer(str(workdir / 'tensorboard'))  # URLs too
       except ImportError:  # TensorBoard is optional; metrics.jsonl always works.
         self._tb = None
+
+  def _drop_after(self, step: int) -> None:
+    lines = self._path.read_text(encoding='utf-8').splitlines(True)
+    kept = []
+    for line in lines:
+      try:
+        if line.endswith('\n') and json.loads(line)['step'] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):  # A line cut by a crash: not a record.
+        pass
+    if len(kept) < len(lines):
+      logging.warning('%s: removed %d records after step %d, written by an earlier attempt '
+                      'that stopped after its last checkpoint; this run writes them again.',
+                      self._path, len(lines) - len(kept), step)
+      paths.write_atomic(self._path, ''.join(kept))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -102,7 +132,10 @@ class MetricWriter:
       value = float(value)
       record[key] = value if math.isfinite(value) else str(value)
       if self._tb is not None:
-        self._tb.scalar(key, value, int(step))
+        with self._tb.as_default():
+          tf_summary().scalar(key, value, step=int(step))
+    if self._tb is not None:
+      self._tb.flush()
     record['time'] = time.time()
     line = json.dumps(record) + '\n'
     if self._jsonl is not None:

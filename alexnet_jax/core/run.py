@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import time
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -27,13 +28,23 @@ from alexnet_jax.errors import RunError
 
 CONFIG_FILENAME = 'config.json'
 CLASSES_FILENAME = 'classes.json'  # class name -> label
+CONFIG_CHANGES_FILENAME = 'config_changes.jsonl'  # what resumed runs changed, oldest first
 
 
 # ---------------------------------------------------------------------------- training writes
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, kernels: Kernels) -> None:
-  """config.json: the config's fields and the kernels the run resolved."""
+def write_config(workdir: str, config: ml_collections.ConfigDict, kernels: Kernels,
+                 changes: Sequence[ConfigChange] = ()) -> None:
+  """config.json: the config's fields and the kernels the run resolved. `changes` from the
+  config it replaces (`check_resume`) are appended to config_changes.jsonl first, so no
+  value a checkpoint was trained with is lost."""
+  if changes:
+    path = paths.resolve(workdir) / CONFIG_CHANGES_FILENAME
+    lines = path.read_text(encoding='utf-8') if path.exists() else ''
+    lines += json.dumps({'time': time.time(), 'changes': {
+        c.field: [c.before, c.after] for c in changes}}, default=str) + '\n'
+    paths.write_atomic(path, lines)
   paths.write_atomic(paths.resolve(workdir) / CONFIG_FILENAME,
                      config_lib.to_json(config, resolved_kernels=kernels.as_dict()))
 
@@ -49,6 +60,98 @@ def record_classes(workdir: str, class_names: tuple[str, ...], is_writer: bool =
                       'wrote: the labels would change meaning. Use a new workdir.')
   elif is_writer:
     paths.write_atomic(path, json.dumps(mapping, indent=0))
+
+
+# Fields a resumed run may change without changing the training it continues: how long it runs,
+# how often it logs, evaluates and saves, how it evaluates, and how the same values are computed
+# and fed (kernels, parallel layout: checkpoints are saved in one layout for all). Accepted, and
+# logged. Any other change, where the checkpoint's shapes still fit, is accepted with a warning:
+# the run is then neither config's uninterrupted run (lowering the learning rate by hand, as
+# the paper's authors did in §5, is such a change).
+RESUME_SAFE_FIELDS = (
+    'num_epochs', 'num_train_steps', 'num_eval_steps', 'eval_every_epochs', 'eval_every_steps',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_split',
+    'eval_batch_size', 'ten_crop_eval', 'data_dir', 'cache', 'device_preprocessing',
+    'device_prefetch', 'profile_steps', 'profile_after_steps', 'column_impl', 'pool_impl',
+    'lrn_impl', 'conv_impl', 'conv_backend', 'parallelism', 'model_parallel')
+# Fields that fix the data statistics (the mean image) saved with the run and its classes: a
+# change would recompute them under the checkpoint's network. Refused, like other shapes.
+RESUME_FIXED_FIELDS = ('dataset', 'train_split', 'num_classes', 'resize_size',
+                       'resize_antialias', 'mean', 'stats_file')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+  field: str
+  before: Any
+  after: Any
+
+  def __str__(self) -> str:
+    return f'{self.field}: {self.before!r} -> {self.after!r}'
+
+
+def _abstract_state(config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of the TrainState a run of `config` checkpoints (nothing computed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config, Kernels())  # Kernels compute the same shapes: the plain.
+  tx = optim.create_optimizer(config)
+  return jax.eval_shape(
+      lambda: steps.create_train_state(model, tx, config.seed, config.image_size))
+
+
+def _first_shape_difference(before: Any, after: Any) -> str | None:
+  """'path: what the checkpoint holds vs what the config builds' for the first leaf that
+  differs in path, shape or dtype; None if the trees agree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = lambda tree: {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype))
+                       for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  a, b = flat(before), flat(after)
+  for key in sorted(set(a) | set(b)):
+    if a.get(key) != b.get(key):
+      show = lambda v: 'nothing' if v is None else f'{v[1]}{list(v[0])}'
+      return f'{key}: {show(a.get(key))} in the checkpoints, {show(b.get(key))} now'
+  return None
+
+
+def _shape_conflict(before: ml_collections.ConfigDict,
+                    config: ml_collections.ConfigDict) -> str | None:
+  """Why `config` cannot restore checkpoints written by a run of `before`, or None."""
+  why = _first_shape_difference(_abstract_state(before), _abstract_state(config))
+  return why and f'the checkpoints hold other shapes ({why})'
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict) -> list[ConfigChange]:
+  """The changes from the config that wrote `workdir`'s checkpoints to `config`.
+
+  Raises RunError, before anything is written, naming the differing fields, when `config`
+  cannot continue those checkpoints: its TrainState has other shapes (model variant, number of
+  classes, optimizer...) or it changes the data statistics (RESUME_FIXED_FIELDS). Returns []
+  for a workdir without checkpoints. The caller logs the changes (RESUME_SAFE_FIELDS at INFO,
+  the others as a warning).
+  """
+  path = paths.resolve(workdir) / CONFIG_FILENAME
+  directory = paths.resolve(checkpoints.checkpoint_dir(workdir))
+  if not path.exists() or not directory.is_dir() or not any(
+      p.name.isdigit() for p in directory.iterdir()):
+    return []
+  before, _ = config_lib.from_json(path.read_text(encoding='utf-8'), str(path))
+  changes = [ConfigChange(name, before[name], config[name]) for name in config_lib.SCHEMA
+             if before[name] != config[name]]
+  if not changes:
+    return []
+  listed = '; '.join(str(c) for c in changes if c.field not in RESUME_SAFE_FIELDS)
+  fixed = [c.field for c in changes if c.field in RESUME_FIXED_FIELDS]
+  why = (f'the fields {fixed} fix the classes and the data statistics the checkpoints were '
+         'trained with' if fixed else None)
+  if why is None and any(c.field not in RESUME_SAFE_FIELDS for c in changes):
+    why = _shape_conflict(before, config)
+  if why:
+    raise RunError(
+        f'Cannot resume the run in {workdir} with this config: {why}. It differs from the '
+        f"run's config ({path}) in {listed}. Nothing was changed; use a new --workdir, or "
+        "the run's values.")
+  return changes
 
 
 # ---------------------------------------------------------------------------- reading a run
@@ -147,6 +250,15 @@ def restore(workdir: str, config: ml_collections.ConfigDict, *, which: str = 'be
     elif step not in manager.all_steps():
       raise RunError(f'No checkpoint of step {step} in {workdir}; there are '
                      f'{sorted(manager.all_steps())}')
+    saved = paths.resolve(workdir) / CONFIG_FILENAME
+    if saved.exists():
+      before = config_lib.from_json(saved.read_text(encoding='utf-8'), str(saved))[0]
+      why = _shape_conflict(before, config)
+      if why:
+        differ = '; '.join(f'{k}: {before[k]!r} -> {config[k]!r}' for k in config_lib.SCHEMA
+                           if before[k] != config[k])
+        raise RunError(f'The config cannot read the checkpoints in {workdir}: {why}. It '
+                       f"differs from the run's config ({saved}) in {differ}.")
     model, _, state = steps.initial_state(config, kernels)
     schedule = optim.LearningRate(config, 1).state()
     state, _, _ = checkpoints.restore(manager, state, schedule, step=step)

@@ -10,6 +10,7 @@ batches an uninterrupted run would see.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import signal
 import time
@@ -37,6 +38,10 @@ from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.data import stats as data_stats
 from alexnet_jax.errors import RunError
 from alexnet_jax.errors import TrainingDivergedError
+
+
+# Key of a checkpoint's JSON meta holding the per-step training metrics not logged yet.
+UNLOGGED = 'unlogged_train_metrics'
 
 
 def prepare(config: ml_collections.ConfigDict) -> kernels_lib.Kernels:
@@ -122,6 +127,20 @@ def _collective_errors():
         '(see its log). Rerun the command on every host to resume from the last checkpoint.') from e
 
 
+@contextlib.contextmanager
+def _disk_errors():
+  """A full disk (or a file-size limit, a read-only one) while writing metrics: one line naming
+  the file and the cause, not a traceback."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+      raise
+    raise RunError(f'Writing {e.filename or "a file of the run"} failed: {e.strerror}. The '
+                   'latest checkpoint is intact; free the space and rerun the same command to '
+                   'resume.') from e
+
+
 class _Profile:
   """A JAX profiler trace of config.profile_steps steps, config.profile_after_steps steps after
   the run (re)starts, into workdir/profile (TensorBoard's profile plugin, or Perfetto for the
@@ -165,11 +184,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  else int(config.num_epochs * steps_per_epoch))
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else max(1, int(config.eval_every_epochs * steps_per_epoch)))
+  # Before anything is written: a config that cannot continue the workdir's checkpoints stops.
+  changes = run_lib.check_resume(workdir, config)
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   # Classes first: a workdir of other classes is refused before its config is overwritten.
   run_lib.record_classes(workdir, info.class_names, is_writer=is_main)
+  for change in changes:
+    safe = change.field in run_lib.RESUME_SAFE_FIELDS
+    logging.log(logging.INFO if safe else logging.WARNING, 'Resuming with config.%s%s', change,
+                '' if safe else ' (a change to the training: the run is no longer the '
+                'uninterrupted run of either config)')
   if is_main:
-    run_lib.write_config(workdir, config, kernels)
+    run_lib.write_config(workdir, config, kernels, changes)
   mean = data_stats.mean_to_subtract(config, data_stats.training_stats(config, workdir, is_main))
   logging.info('%s: %d training / %d eval examples, %d classes; %d steps of %d (%d per epoch) '
                'on %d devices', config.dataset, info.num_train, info.num_eval, info.num_classes,
@@ -177,12 +203,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model, tx, state = steps.initial_state(config, kernels)
   lr = optim.LearningRate(config, steps_per_epoch)
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+  manager, restored = checkpoints.restore_latest_good(
+      workdir, config.keep_checkpoints, state, lr.state(), is_writer=is_main)
   meta = {'best_top1_error': None, 'best_step': None}
-  restored = checkpoints.restore(manager, state, lr.state())
+  pending = _PendingMetrics()
   if restored is not None:
     state, schedule, meta = restored
     lr.restore(schedule)
+    # Per-step metrics of the log window the checkpoint was saved in: the first log after the
+    # resume averages the same steps as an uninterrupted run's.
+    pending.checked = [(int(k), v) for k, v in meta.pop(UNLOGGED, [])]
     logging.info('Resuming from the checkpoint of step %d in %s', int(state.step),
                  manager.directory)
   start_step = int(state.step)
@@ -195,8 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_train = placement.train_step
   p_eval = evaluation.pmapped_eval_step(model, config, mean)
   rstate = placement.put_state(state)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  pending = _PendingMetrics()
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   last_eval: dict[str, float] = {}
 
   def save(step, eval_metrics=None):
@@ -208,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise TrainingDivergedError(
           f'The parameters became NaN or infinite at step {step}. Stopping; the last good '
           'checkpoint is kept. Try a lower --config.learning_rate.')
-    checkpoints.save(manager, step, host, lr.state(), dict(meta, epoch=step / steps_per_epoch),
+    checkpoints.save(manager, step, host, lr.state(),
+                     dict(meta, epoch=step / steps_per_epoch, **{UNLOGGED: pending.checked}),
                      eval_metrics)
 
   def evaluate_now(step):
@@ -240,8 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   profile = _Profile(config, workdir, start_step)
   window_start, window_steps = time.time(), 0
   votes = None  # stop votes of the step before the one just dispatched
+  stopped_by_error = True
   try:
-    with _StopRequest() as stop, _collective_errors():
+    with _StopRequest() as stop, _collective_errors(), _disk_errors():
       while step < total_steps:
         profile.before(step)
         rstate, step_metrics, new_votes = p_train(rstate, next(batches),
@@ -282,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         paused = time.time()  # Evaluations and saves do not count in training images/sec.
         did_eval = saved = False
         if step % eval_every == 0 or step == total_steps:
+          pending.check()  # A diverged step is never evaluated (nor its evaluation recorded).
           last_eval = evaluate_now(step)
           did_eval = True
         if did_eval or step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -295,14 +327,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           step, ' (agreed by all %d processes)' % jax.process_count()
                           if jax.process_count() > 1 else '')
           break
+    stopped_by_error = False
   finally:
     profile.close()
     # Close the tf.data iterator explicitly: left to interpreter shutdown, its teardown measured
     # 35 s after a 20-epoch digits run.
     train_iter.close()
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+    try:
+      checkpoints.finish(manager)
+    except RunError:
+      if not stopped_by_error:
+        raise
+      # Already stopping for another error (often this very save's): that one is reported.
   return last_eval
 
 

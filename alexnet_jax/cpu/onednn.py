@@ -61,8 +61,8 @@ def _dnnl_prefix() -> str | None:
 
 
 def cache_dir() -> str:
-  return os.environ.get('ALEXNET_JAX_CACHE',
-                        os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax'))
+  from alexnet_jax import paths  # pylint: disable=g-import-not-at-top
+  return paths.cache_dir()
 
 
 def _cache_key(cxx: str, cmd_flags: list[str], lib_dir: str) -> str:

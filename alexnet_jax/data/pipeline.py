@@ -23,11 +23,13 @@ With `on_device=True` the iterators send what the device needs to finish the ima
 position and flip, and the lighting's RGB shift; the random numbers are the same draws from the
 same keys, and the device's mean subtraction and lighting give the host path's values.
 
-Unreadable images ('folder' only; TFDS validated its images when it wrote them) never end a run.
-Training: a position whose image cannot be decoded takes the next example of the epoch's order
-instead (up to `FALLBACK_CANDIDATES` tries), so every batch is full and the position -> example
-map stays a function of (seed, e, g): resume stays exact. Evaluation: unreadable images are left
-out and logged with their paths; the accuracy is over the readable ones (masks), and DatasetInfo's
+Unreadable images (an empty, truncated or permission-denied file, or one that is no image;
+'folder' only: TFDS validated its images when it wrote them) never end a run. Training: a position
+whose image cannot be decoded takes the next example of the epoch's order instead (up to
+`FALLBACK_CANDIDATES` tries), so every batch is full and the position -> example map stays a
+function of (seed, e, g): resume stays exact; each such file is logged once, with its path, the
+reason and the count so far. Evaluation: unreadable images are left out and logged at the end,
+each with its path and reason; the accuracy is over the readable ones (masks), and DatasetInfo's
 counts are of files, since reading every header up front would take too long for 1.2 M images.
 """
 
@@ -116,7 +118,8 @@ def _check_usable(split: data_sources.IndexedSplit) -> None:
   probe = tf.data.Dataset.range(split.num_examples).map(split.load).ignore_errors().take(1)
   if not list(probe):
     raise DataError(f'None of the {split.num_examples} images in {split.location} can be '
-                    f'decoded: the folder has no usable images.')
+                    f'decoded (the first: {split.unreadable(0)}): the folder has no usable '
+                    'images.')
 
 
 def _synthetic_batch(config, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -227,7 +230,8 @@ def _sharded_train_positions(config, split: data_sources.ShardedSplit, start_ste
 
 
 def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Adds the square 'image' and 'label' to each position (and 'primary', 'attempt' for logs)."""
+  """Adds the square 'image' and 'label' to each position (and 'candidates', 'attempt': which
+  of them was used, for the log of unreadable ones)."""
   if isinstance(split, (data_sources.StreamSplit, data_sources.ShardedSplit)):
 
     def decode(el):
@@ -249,7 +253,7 @@ def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
     # Lazily, in order: the next candidate is decoded only if the previous one raised.
     tries = tries.map(load).ignore_errors().take(1)
     return tries.map(lambda ex: {**ex, 'epoch': el['epoch'], 'position': el['position'],
-                                 'primary': candidates[0]})
+                                 'candidates': candidates})
 
   if split.may_fail:
     # Parallel over positions; with one output per position the deterministic interleave keeps
@@ -337,8 +341,8 @@ def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
     key = tf.random.experimental.stateless_fold_in(tf.stack([seed, el['epoch']]), el['position'])
     patch = augment_fn(el['image'], key)
     out = {**(patch if on_device else {'image': patch}), 'label': el['label']}
-    if 'primary' in el:
-      out.update(primary=el['primary'], attempt=el['attempt'])
+    if 'candidates' in el:
+      out.update(candidates=el['candidates'], attempt=el['attempt'])
     return out
 
   ds = _load_train(split, _train_positions(config, split, start_step, steps))
@@ -353,15 +357,17 @@ def _repeat(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
 
 
 def _log_unreadable_train(ds: tf.data.Dataset, split) -> Iterator[dict[str, np.ndarray]]:
+  """The batches, without the bookkeeping; each unreadable image met is logged once."""
   unreadable = set()
   for batch in ds.as_numpy_iterator():
     if 'attempt' in batch:
-      for primary in batch.pop('primary')[batch.pop('attempt') > 0]:
-        path = split.describe(int(primary))
-        if path not in unreadable:
-          unreadable.add(path)
-          logging.warning('Unreadable image skipped (%d so far): %s; the next example of the '
-                          'epoch took its place.', len(unreadable), path)
+      # Candidates before the one used (attempt) failed to decode.
+      for candidates, attempt in zip(batch.pop('candidates'), batch.pop('attempt')):
+        for index in candidates[:attempt]:
+          if int(index) not in unreadable:
+            unreadable.add(int(index))
+            logging.warning('Unreadable image skipped (%d so far), the next example of the epoch '
+                            'took its place: %s', len(unreadable), split.unreadable(int(index)))
     yield batch
 
 
@@ -373,7 +379,8 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
   Yields {'image': float32 [b, S, S, 3] (central patch) or [b, 10, S, S, 3] (§4.1's ten patches
   in `augment.TEN_CROP_ORDER`), 'label': int32 [b], 'mask': bool [b]} with b = eval_batch_size //
   process_count. The last batch is padded (mask False) and every process yields the same number
-  of batches. Unreadable images ('folder') are left out and logged, with their paths, at the end.
+  of batches. Unreadable images ('folder') are left out and logged at the end, each with its
+  path and the reason.
   Each image is `augment.eval_patches` of its square (`mean` subtracted, then cropped).
   on_device: the patches are uint8, without the mean, which `on_device.finisher` subtracts.
   """
@@ -441,5 +448,5 @@ def _log_unreadable_eval(ds: tf.data.Dataset, source,
   if isinstance(source, data_sources.IndexedSplit) and source.may_fail:
     skipped = np.setdiff1d(assigned, np.concatenate(seen))
     if len(skipped):
-      logging.warning('Evaluation on %s left out %d unreadable images: %s', source.location,
-                      len(skipped), ', '.join(source.describe(int(i)) for i in skipped))
+      logging.warning('Evaluation on %s left out %d unreadable images:\n  %s', source.location,
+                      len(skipped), '\n  '.join(source.unreadable(int(i)) for i in skipped))

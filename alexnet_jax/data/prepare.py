@@ -40,7 +40,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import time
 from typing import Any
 
@@ -215,7 +214,7 @@ def prepare_shard(settings: Settings, shard: Shard, output: str) -> dict[str, An
           raise data
         square, jpeg = encode(tf.constant(data))
       except (tf.errors.OpError, OSError, ValueError) as e:
-        unreadable.append((name, _reason(e)))
+        unreadable.append((name, sources.unreadable_reason(e)))
         continue
       writer.write(sources.prepared_record(jpeg.numpy(), label))
       if sums is not None:
@@ -224,14 +223,6 @@ def prepare_shard(settings: Settings, shard: Shard, output: str) -> dict[str, An
   os.replace(tmp, path)
   return {'num_examples': count, 'bytes': os.path.getsize(path), 'unreadable': unreadable,
           'sums': sums.arrays() if sums is not None else None}
-
-
-def _reason(error: Exception) -> str:
-  """Why an image was unreadable, in a line: TensorFlow's message without its node trace."""
-  lines = [line.strip() for line in (getattr(error, 'message', None) or str(error)).splitlines()]
-  lines = [line for line in lines if line and not line.startswith('[[')] or ['']
-  text = re.sub(r'^\{\{[^}]*\}\}\s*', '', lines[-1])
-  return re.sub(r'\s*\[Op:[^]]*\]$', '', text)[:200] or type(error).__name__
 
 
 def _work(args) -> tuple[str, dict[str, Any]]:  # the pool's task: one shard.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Callable
 
 from absl import logging
@@ -61,6 +62,21 @@ class IndexedSplit:
   @property
   def num_examples(self) -> int:
     return len(self.labels)
+
+  def unreadable(self, index: int) -> str:
+    """'<where>: <why>' of an example whose `load` failed inside tf.data.
+
+    tf.data's ignore_errors drops the error, so the example is loaded once more, eagerly, to get
+    it: unreadable files are few, and this runs only for them.
+    """
+    where = self.describe(index)
+    try:
+      self.load(tf.constant(index, tf.int64))
+    except (tf.errors.OpError, ValueError) as e:
+      reason = unreadable_reason(e)
+      # File errors start with the path itself ('/a/b.jpg; Permission denied').
+      return f'{where}: {reason.removeprefix(f"{where}; ")}'
+    return f'{where}: unreadable once, readable on a second try'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +124,15 @@ class ShardedSplit:
 Split = IndexedSplit | StreamSplit | SyntheticSplit | ShardedSplit
 
 
+def unreadable_reason(error: Exception) -> str:
+  """Why an image could not be read, in a line: TensorFlow's message without its node trace."""
+  lines = [line.strip() for line in (getattr(error, 'message', None) or str(error)).splitlines()]
+  lines = [line for line in lines if line and not line.startswith('[[')] or ['']
+  text = re.sub(r'^\{\{[^}]*\}\}\s*', '', lines[-1])
+  # Eager errors end in '[Op:DecodeImage] name: ', those of a tf.function in '[Op:...]'.
+  return re.sub(r'\s*\[Op:[^]]*\](\s*name:.*)?$', '', text)[:200] or type(error).__name__
+
+
 def decode_center_square(encoded: tf.Tensor, resize_size: int,
                          antialias: bool = True) -> tf.Tensor:
   """§2: decode, keep the central square (side = short side), resize it to resize_size.
@@ -123,6 +148,14 @@ def decode_center_square(encoded: tf.Tensor, resize_size: int,
   500x375 photographs the fused crop saved little in the same measurement: entropy decoding,
   which cannot skip columns, dominates. Any other format (PNG, GIF, BMP; grey or RGBA) goes
   through `decode_image`.
+
+  The content decides, not the file name (a PNG named .JPEG is a PNG). Greyscale becomes three
+  equal channels; CMYK JPEGs become RGB as Pillow's convert('RGB') makes them (within a level);
+  an alpha channel is dropped, not composited (as Pillow's convert('RGB') does); 16-bit PNG
+  samples become their high byte, v >> 8 (within one level of round(v * 255 / 65535)).
+  JPEGs go through libjpeg's fast integer IDCT (TensorFlow's default), which differs from the
+  accurate one Pillow uses by up to a few levels on textured images. A truncated or empty file,
+  or one that is no image, raises `tf.errors.InvalidArgumentError`.
 
   Returns:
     float32 [resize_size, resize_size, 3] on a 0..255 scale.
@@ -247,7 +280,11 @@ def _split_dir(config, split: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _list_folder(split_dir: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-  """(class folder names, sorted (path, class name) pairs) of one split folder."""
+  """(class folder names, sorted (path, class name) pairs) of one split folder.
+
+  A class folder without images stays a class, so that labels mean the same in every split and
+  every run; it is named in one warning (per split folder: the listing is cached).
+  """
   classes = tuple(sorted(p.name for p in paths.resolve(split_dir).iterdir() if p.is_dir()))
   files = []
   for name in classes:
@@ -258,6 +295,11 @@ def _list_folder(split_dir: str) -> tuple[tuple[str, ...], tuple[tuple[str, str]
   if not files:
     raise DataError(f'No images ({"/".join(IMAGE_EXTENSIONS)}) in {split_dir}/<class>/: '
                     f'the folder has no usable images.')
+  empty = sorted(set(classes) - {c for _, c in files})
+  if empty:
+    logging.warning('Class folders of %s with no %s images: %s. They stay classes (the labels '
+                    'of the others do not shift), with no examples in this split.', split_dir,
+                    '/'.join(IMAGE_EXTENSIONS), ', '.join(empty))
   return classes, tuple(files)
 
 

@@ -10,7 +10,9 @@ the same thing from config.stats_num_images training images once and saves it in
 commands that only read a run use `saved_stats`, which computes and writes nothing.
 
 Statistics are over the §2 "square" images (short side rescaled to resize_size, central patch),
-exactly as the input pipeline produces them before augmentation.
+exactly as the input pipeline produces them before augmentation. Images of a folder that cannot
+be read are left out of the sample (its 'num_images' counts the readable ones) and named, each
+with the reason, in one warning.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ _BATCH = 64
 _LOG_EVERY_IMAGES = 2048
 
 
-def _square_images(config, num_images: int | None) -> tuple[tf.data.Dataset, int]:
-  """Batches of square training images (uint8-valued float32) and how many are asked for."""
+def _square_images(config, num_images: int | None
+                   ) -> tuple[tf.data.Dataset, np.ndarray | int, data_sources.Split]:
+  """Batches {'image': squares (uint8-valued float32), 'index'}, the indices asked for (a count
+  for a stream), and the split."""
   split = data_sources.open_split(config, config.train_split)
   n = split.num_examples if not num_images or num_images <= 0 else min(num_images,
                                                                        split.num_examples)
@@ -49,16 +53,17 @@ def _square_images(config, num_images: int | None) -> tuple[tf.data.Dataset, int
     raise data_sources.DataError("dataset='synthetic' has no statistics; use config.mean=None.")
   if isinstance(split, data_sources.StreamSplit):
     # TFDS wrote the records in a shuffled order: the first n are a random sample.
-    ds = split.records(0, 1).take(n).map(lambda ex: split.decode(ex['image']),
-                                         num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    # A folder is sorted by class: sample uniformly instead of taking the first n.
-    indices = np.random.RandomState(STATS_SAMPLE_SEED).permutation(split.num_examples)[:n]
-    ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).map(
-        split.load, num_parallel_calls=tf.data.AUTOTUNE)
-    if split.may_fail:
-      ds = ds.ignore_errors()
-  return ds.batch(_BATCH).prefetch(2), n
+    ds = split.records(0, 1).take(n).enumerate().map(
+        lambda i, ex: {'image': split.decode(ex['image']), 'index': i},
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(_BATCH).prefetch(2), n, split
+  # A folder is sorted by class: sample uniformly instead of taking the first n.
+  indices = np.random.RandomState(STATS_SAMPLE_SEED).permutation(split.num_examples)[:n]
+  ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).map(
+      lambda i: {'image': split.load(i), 'index': i}, num_parallel_calls=tf.data.AUTOTUNE)
+  if split.may_fail:
+    ds = ds.ignore_errors()
+  return ds.batch(_BATCH).prefetch(2), indices, split
 
 
 class StatsSums:
@@ -135,20 +140,28 @@ def compute_stats(config, num_images: int | None = None) -> dict[str, np.ndarray
     (decreasing) and 'eigvec' [3, 3] (columns, rows R, G, B) of the covariance of RGB pixel values
     on a 0..1 scale, as `augment.pca_lighting` expects; 'num_images', 'resize_size', 'dataset'.
   """
-  ds, n = _square_images(config, num_images)
+  ds, asked, split = _square_images(config, num_images)
+  n = asked if isinstance(asked, int) else len(asked)
   sums = StatsSums(config.resize_size)
   start, next_log = time.time(), _LOG_EVERY_IMAGES
+  seen = []
   for batch in ds.as_numpy_iterator():
-    sums.add(batch)
+    sums.add(batch['image'])
+    seen.append(batch['index'])
     if sums.count >= next_log or sums.count == n:
       logging.info('data_stats: %d / %d images (%.0f images/s)', sums.count, n,
                    sums.count / max(time.time() - start, 1e-9))
       next_log += _LOG_EVERY_IMAGES
+  read = np.concatenate([np.zeros(0, np.int64)] + seen)
+  missing = [] if isinstance(asked, int) else np.setdiff1d(asked, read)  # streams cannot fail
   if sums.count == 0:
     raise data_sources.DataError(f'No readable training images in {config.dataset!r} '
-                                 f'(data_dir={config.data_dir!r}).')
-  if sums.count < n:
-    logging.warning('data_stats: %d of %d images were unreadable and skipped.', n - sums.count, n)
+                                 f'(data_dir={config.data_dir!r})' +
+                                 (f'; the first: {split.unreadable(int(missing[0]))}.'
+                                  if len(missing) else '.'))
+  if len(missing):
+    logging.warning('data_stats: %d of %d images were unreadable and left out:\n  %s',
+                    len(missing), n, '\n  '.join(split.unreadable(int(i)) for i in missing))
   return sums.finish(config.dataset)
 
 

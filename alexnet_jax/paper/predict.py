@@ -8,6 +8,12 @@ Each file gets the evaluation's preprocessing exactly (`augment.eval_patches`): 
 central config.image_size patch, or §4.1's ten patches whose softmax outputs are averaged
 (`steps.probabilities`). Class names come from the run's classes.json. The run is opened
 read-only.
+
+A file that cannot be read (missing, unreadable, empty, truncated, not an image) does not stop
+the others: it is skipped, logged with the reason, and keeps its place in the output, as
+`path` then `  skipped: <reason>` in the printed text and as {'path', 'error': reason} among
+`predict_files`' records (JSON-ready, one per path in the order given); a last line counts the
+skipped files. Only when no file can be read is it an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -38,17 +44,20 @@ TOP_K = 5  # §6: the paper reports and shows (Figure 4) the five most probable 
 
 
 def read_square(path: str, config) -> np.ndarray:
-  """§2's square image of a file: float32 [R, R, 3], 0..255, R = config.resize_size."""
+  """§2's square image of a file: float32 [R, R, 3], 0..255, R = config.resize_size.
+
+  Raises ImageReadError, '<path>: <reason>', where the file is missing or cannot be decoded.
+  """
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise ImageReadError(f'{path}: no such file. Pass the path of a JPEG, PNG, GIF or BMP image.')
+    raise ImageReadError(f'{path}: {"not a file" if os.path.exists(path) else "no such file"}')
   try:
     encoded = tf.io.read_file(path)
     square = sources.decode_center_square(encoded, config.resize_size, config.resize_antialias)
     return square.numpy()
   except (tf.errors.OpError, ValueError) as e:
-    raise ImageReadError(f'{path} cannot be decoded as an image ({type(e).__name__}); pass a '
-                         'JPEG, PNG, GIF or BMP file.') from e
+    reason = sources.unreadable_reason(e).removeprefix(f'{path}; ')
+    raise ImageReadError(f'{path}: {reason}') from e
 
 
 def network_input(square: np.ndarray, mean: np.ndarray | None, image_size: int,
@@ -74,32 +83,57 @@ def predict_files(workdir: str, paths: Sequence[str], *, ten_crop: bool = False,
                   which: str = 'best') -> list[dict[str, Any]]:
   """Top-5 classes of each image file under the checkpoint of `workdir`.
 
-  Returns one {'path', 'labels', 'classes', 'probabilities'} per path, most probable first.
-  Raises ImageReadError naming the first unreadable file before any network work.
+  Returns one record per path, in order: {'path', 'labels', 'classes', 'probabilities'} (most
+  probable first), or {'path', 'error'} for a file that cannot be read, which is skipped and
+  logged. Raises ImageReadError, naming every file and why, when none can be read (before any
+  network work).
   """
   run = run_lib.open_run(workdir)
   config = run.config
   names = run.class_names()
-  squares = [read_square(p, config) for p in paths]  # fail on a bad file before loading weights
+  squares, errors = {}, {}
+  for i, path in enumerate(paths):  # every file read before the weights are loaded
+    try:
+      squares[i] = read_square(path, config)
+    except ImageReadError as e:
+      errors[i] = str(e).removeprefix(f'{os.path.expanduser(path)}: ')
+      logging.warning('Unreadable image skipped (%d so far): %s', len(errors), e)
+  if not squares:
+    raise ImageReadError(f'None of the {len(paths)} files can be read as an image: ' +
+                         '; '.join(f'{paths[i]}: {reason.rstrip(".")}'
+                                   for i, reason in errors.items()) +
+                         '. Pass JPEG, PNG, GIF or BMP files.')
   restored = run.restore(which=which)
   mean = run.mean()
   logging.info('Checkpoint of step %d from %s; %s', restored.step, run.workdir,
                'ten crops averaged' if ten_crop else 'centre crop')
-  images = np.stack([network_input(s, mean, config.image_size, ten_crop) for s in squares])
+  images = np.stack([network_input(s, mean, config.image_size, ten_crop)
+                     for s in squares.values()])
   labels, probs = top_k(class_probabilities(restored.model, restored.params, images))
-  return [{'path': p, 'labels': [int(x) for x in lab], 'classes': [names[x] for x in lab],
-           'probabilities': [float(x) for x in pr]} for p, lab, pr in zip(paths, labels, probs)]
+  records = [{'path': p, 'error': errors[i]} if i in errors else None
+             for i, p in enumerate(paths)]
+  for i, lab, pr in zip(squares, labels, probs):
+    records[i] = {'path': paths[i], 'labels': [int(x) for x in lab],
+                  'classes': [names[x] for x in lab], 'probabilities': [float(x) for x in pr]}
+  return records
 
 
 def format_predictions(predictions: Sequence[dict[str, Any]]) -> str:
-  """One block per image: its path, then `probability  class name (label)` lines."""
+  """One block per image: its path, then `probability  class name (label)` lines, or
+  `skipped: <reason>`; then, if any were skipped, a line that counts them."""
   lines = []
   for pred in predictions:
     lines.append(pred['path'])
+    if 'error' in pred:
+      lines.append(f'  skipped: {pred["error"]}')
+      continue
     for label, name, prob in zip(pred['labels'], pred['classes'], pred['probabilities']):
       # Tiny probabilities in scientific notation: a confident net's 0.00% hides the ranking.
       text = f'{100 * prob:6.2f}%' if prob >= 1e-4 else f'{100 * prob:.1e}%'
       lines.append(f'  {text:>8}  {name} ({label})')
+  skipped = sum('error' in pred for pred in predictions)
+  if skipped:
+    lines.append(f'Skipped {skipped} of {len(predictions)} files that cannot be read as images.')
   return '\n'.join(lines)
 
 
