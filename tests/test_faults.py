@@ -102,9 +102,8 @@ def _assert_same_run(workdir, reference):
 
 
 def _complete_steps(workdir):
-  directory = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-      if directory.is_dir() else []
+  from alexnet_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.complete_steps(checkpoints.checkpoint_dir(str(workdir)))
 
 
 def _interrupt(workdir, sig, phase, target, delay):

@@ -144,9 +144,8 @@ _TEARDOWN_NOISE = re.compile(
 @contextlib.contextmanager
 def _teardown_noise_dropped(grace_s: float = 0.5):
   """Holds back what is written to file descriptor 2 inside the block and writes it back without
-  `_TEARDOWN_NOISE`. Call the yielded function when the restore failed: the block then waits
-  `grace_s` for the failed restore's other reads to finish (and print)."""
-  failed = []
+  `_TEARDOWN_NOISE`. When the block raises (a failed restore), it first waits `grace_s` for the
+  failed restore's other reads to finish (and print)."""
   sys.stderr.flush()
   read_end, write_end = os.pipe()
   saved = os.dup(2)
@@ -156,10 +155,11 @@ def _teardown_noise_dropped(grace_s: float = 0.5):
   reader.start()
   os.dup2(write_end, 2)
   try:
-    yield lambda: failed.append(True)
+    yield
+  except Exception:
+    time.sleep(grace_s)
+    raise
   finally:
-    if failed:
-      time.sleep(grace_s)
     sys.stderr.flush()
     os.dup2(saved, 2)
     os.close(saved)
@@ -189,12 +189,8 @@ def restore_latest_good(workdir: str, keep: int, state_like: Any, schedule_like:
   damaged, restored = [], None
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      with _teardown_noise_dropped() as failed:
-        try:
-          restored = restore(manager, state_like, schedule_like, step=step)
-        except Exception:  # pylint: disable=broad-except
-          failed()
-          raise
+      with _teardown_noise_dropped():
+        restored = restore(manager, state_like, schedule_like, step=step)
       break
     except Exception as e:  # pylint: disable=broad-except  (damage shows as OSError, ValueError..)
       damaged.append((step, cli.one_line(e)[:300]))

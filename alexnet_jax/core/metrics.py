@@ -69,11 +69,6 @@ def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return labels, values
 
 
-def tf_summary():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.summary
-
-
 class MetricWriter:
   """Writes scalars to TensorBoard event files and to `workdir/metrics.jsonl` (process 0 only).
 
@@ -106,6 +101,7 @@ class MetricWriter:
           # which imports all of Keras (~3 s of every start; it writes ~/.keras).
           import tensorflow as tf  # pylint: disable=g-import-not-at-top
           self._tb = tf.summary.create_file_writer(str(workdir / 'tensorboard'))  # URLs too
+          self._scalar = tf.summary.scalar
       except ImportError:  # TensorBoard is optional; metrics.jsonl always works.
         self._tb = None
 
@@ -133,7 +129,7 @@ class MetricWriter:
       record[key] = value if math.isfinite(value) else str(value)
       if self._tb is not None:
         with self._tb.as_default():
-          tf_summary().scalar(key, value, step=int(step))
+          self._scalar(key, value, step=int(step))
     if self._tb is not None:
       self._tb.flush()
     record['time'] = time.time()

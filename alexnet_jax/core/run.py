@@ -90,6 +90,13 @@ class ConfigChange:
     return f'{self.field}: {self.before!r} -> {self.after!r}'
 
 
+def _changes(before: ml_collections.ConfigDict,
+             after: ml_collections.ConfigDict) -> list[ConfigChange]:
+  """The fields whose values differ from `before` to `after`, in SCHEMA's order."""
+  return [ConfigChange(name, before[name], after[name]) for name in config_lib.SCHEMA
+          if before[name] != after[name]]
+
+
 def _abstract_state(config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes of the TrainState a run of `config` checkpoints (nothing computed)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -131,13 +138,10 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> list[Config
   the others as a warning).
   """
   path = paths.resolve(workdir) / CONFIG_FILENAME
-  directory = paths.resolve(checkpoints.checkpoint_dir(workdir))
-  if not path.exists() or not directory.is_dir() or not any(
-      p.name.isdigit() for p in directory.iterdir()):
+  if not path.exists() or not checkpoints.complete_steps(checkpoints.checkpoint_dir(workdir)):
     return []
-  before, _ = config_lib.from_json(path.read_text(encoding='utf-8'), str(path))
-  changes = [ConfigChange(name, before[name], config[name]) for name in config_lib.SCHEMA
-             if before[name] != config[name]]
+  before = read_config(workdir)
+  changes = _changes(before, config)
   if not changes:
     return []
   listed = '; '.join(str(c) for c in changes if c.field not in RESUME_SAFE_FIELDS)
@@ -252,11 +256,10 @@ def restore(workdir: str, config: ml_collections.ConfigDict, *, which: str = 'be
                      f'{sorted(manager.all_steps())}')
     saved = paths.resolve(workdir) / CONFIG_FILENAME
     if saved.exists():
-      before = config_lib.from_json(saved.read_text(encoding='utf-8'), str(saved))[0]
+      before = read_config(workdir)
       why = _shape_conflict(before, config)
       if why:
-        differ = '; '.join(f'{k}: {before[k]!r} -> {config[k]!r}' for k in config_lib.SCHEMA
-                           if before[k] != config[k])
+        differ = '; '.join(str(c) for c in _changes(before, config))
         raise RunError(f'The config cannot read the checkpoints in {workdir}: {why}. It '
                        f"differs from the run's config ({saved}) in {differ}.")
     model, _, state = steps.initial_state(config, kernels)
