@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
   # §2: "subtracting the mean activity over the training set from each pixel": 'image' is the
   # per-pixel mean image of the paper; 'channel' a per-channel RGB mean.
   c.mean = 'image'
+  # Not in the paper (which subtracts its training set's mean and scales nothing): with
+  # mean='channel', `mean_rgb` gives the RGB mean to subtract on the 0..255 scale instead of the
+  # one computed from the data, and `std_rgb` divides each channel of the mean-subtracted image,
+  # as the network's first operation. Weights trained elsewhere expect their own: torchvision's
+  # are (0.485, 0.456, 0.406) * 255 and (0.229, 0.224, 0.225) * 255 (configs/torchvision.py).
+  c.mean_rgb = ml_collections.config_dict.placeholder(tuple)
+  c.std_rgb = ml_collections.config_dict.placeholder(tuple)
   # An .npz written by `python -m alexnet_jax.data.stats` (mean image, RGB mean, PCA of the RGB
   # covariance). None: the statistics are computed from `stats_num_images` training images on
   # the first run and saved in the workdir.
@@ -129,6 +136,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.plateau_max_decays = 3  # §5: reduced three times prior to termination.
   c.plateau_patience = 2  # evaluations without improvement before dividing (our choice).
   c.seed = 0
+  # ---- Fine-tuning (not in the paper) ----
+  # The workdir of another run (trained here, or written by `python -m
+  # alexnet_jax.weights.import_weights`): a new run starts from the parameters of its best
+  # checkpoint. Layers whose shapes differ (fc8 when num_classes differs) start from §5's
+  # initialisation; the log lists which layers were loaded. Ignored when the workdir has a
+  # checkpoint to resume.
+  c.init_from = ml_collections.config_dict.placeholder(str)
+  # Freeze every layer up to and including this one ('conv5': train fc6-fc8 only; 'fc7': fc8
+  # only): optax's masking gives them no update, no momentum and no weight decay.
+  c.freeze_through = 'none'
 
   # ---- Loop, logging, checkpoints ----
   c.log_every_steps = 50

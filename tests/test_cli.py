@@ -48,6 +48,11 @@ def _cases(tmp):
        '--batches=0 must be >= 1'),
       ('data statistics', ['-m', 'alexnet_jax.data.stats', f'--workdir={missing}'],
        f'{missing} is not a directory'),
+      ('import weights', ['-m', 'alexnet_jax.weights.import_weights', '--format=torchvision',
+                          f'--file={tmp}/no_such.pth', f'--workdir={tmp}/imported'],
+       f'--file={tmp}/no_such.pth: no such file'),
+      ('export', ['-m', 'alexnet_jax.weights.export', f'--workdir={missing}',
+                  f'--output={tmp}/saved'], f'{missing} is not a directory'),
   ]
 
 

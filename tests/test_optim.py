@@ -182,3 +182,33 @@ def test_linear_scaling_and_warmup_follow_goyal_et_al(init):
   expected = [start + (peak - start) * s / 20 for s in range(20)] + [peak] * 10 + [peak / 10] * 5
   np.testing.assert_allclose([lr.value(s) for s in range(35)], expected, rtol=1e-12)
   assert optim.LearningRate(_config(), 10).value(0) == 0.01  # off by default: §5's rate
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'lars'])
+def test_frozen_layers_get_no_update_and_the_others_the_unfrozen_one(optimizer):
+  """config.freeze_through: layers up to it never move; every other layer moves exactly as
+  without freezing (their updates do not depend on the frozen layers' gradients)."""
+  rng = np.random.default_rng(1)
+  shapes = {'kernel': (3, 4), 'bias': (4,)}
+  params = {layer: {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+            for layer in optim.LAYERS}
+  grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                                  params) for _ in range(3)]
+  assert optim.frozen_layers('fc6') == ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6')
+
+  def run(freeze_through):
+    tx = optim.create_optimizer(_config(optimizer=optimizer, freeze_through=freeze_through))
+    p, state = params, tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  frozen, free = run('fc6'), run('none')
+  for layer in optim.LAYERS:
+    for k in shapes:
+      if layer in optim.frozen_layers('fc6'):
+        np.testing.assert_array_equal(frozen[layer][k], params[layer][k])
+      else:
+        assert not np.array_equal(free[layer][k], params[layer][k])
+        np.testing.assert_array_equal(frozen[layer][k], free[layer][k])

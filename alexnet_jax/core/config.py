@@ -37,6 +37,8 @@ POOL_IMPLS = ('auto', 'reduce_window', 'mask')
 LRN_IMPLS = ('auto', 'reduce_window', 'custom')
 CONV_IMPLS = ('auto', 'direct', 'im2col')
 CONV_BACKENDS = ('auto', 'xla', 'onednn')
+# Fine-tuning: every layer up to and including this one is frozen ('none': nothing is).
+FREEZE_THROUGH = ('none', 'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7')
 
 _REQUIRED = object()
 # The default upper bound of an integer field: JAX computes in 32-bit integers (jax_enable_x64 is
@@ -140,6 +142,9 @@ SCHEMA: dict[str, Field] = {
     'image_size': _int(1),
     'resize_antialias': Field('bool', legacy=True),
     'mean': _choice('image', 'channel', 'none'),
+    # Runs before these fields subtracted their training set's mean and divided by nothing.
+    'mean_rgb': Field('numbers', low=0, high=255, optional=True, legacy=None),
+    'std_rgb': Field('numbers', low=0, low_open=True, optional=True, legacy=None),
     'stats_file': _PATH,
     'stats_num_images': _int(0),
     'random_crop': _BOOL,
@@ -195,6 +200,9 @@ SCHEMA: dict[str, Field] = {
     'plateau_max_decays': _int(0),
     'plateau_patience': _int(0),
     'seed': _int(0),
+    # Fine-tuning (runs before these fields started from the paper's initialisation).
+    'init_from': Field('str', optional=True, legacy=None),
+    'freeze_through': _choice(*FREEZE_THROUGH, legacy='none'),
     # Loop, logging, checkpoints.
     'log_every_steps': _int(1),
     'eval_every_epochs': _num(0, low_open=True),
@@ -256,6 +264,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.image_size > config.resize_size:
     raise _fail('image_size', config.image_size,
                 f'crops cannot be larger than the square image (resize_size={config.resize_size})')
+  for name in ('mean_rgb', 'std_rgb'):
+    if config[name] is not None and len(config[name]) != 3:
+      raise _fail(name, config[name], 'must be three numbers, one per RGB channel (or None)')
+  if config.mean_rgb is not None and config.mean != 'channel':
+    raise _fail('mean_rgb', config.mean_rgb,
+                f"a given RGB mean needs config.mean='channel' (it is {config.mean!r})")
   if config.lrn_n % 2 != 1:
     raise _fail('lrn_n', config.lrn_n, 'the LRN window must be an odd number of channels')
   if num_devices is None:

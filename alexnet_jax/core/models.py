@@ -9,7 +9,8 @@ Variants:
   'small'      the same building blocks at small widths for 32x32-ish inputs (the quick start).
   'small_one_column'  'small' without the column split (the §3.2 ablation on small images).
 
-Layouts are NHWC. Images are expected on the paper's scale: 0..255 pixels minus the mean.
+Layouts are NHWC. Images are expected on the paper's scale: 0..255 pixels minus the mean
+(`input_std`, where set, then divides each channel as the network's first operation).
 
 The same modules also run one device's share of the network inside `jax.shard_map`
 (`AlexNet.split`, used by `alexnet_jax/core/parallel.py`): each parameter then has its local
@@ -312,6 +313,10 @@ class AlexNet(nn.Module):
   kernels: Kernels = Kernels()  # which implementations: see alexnet_jax/core/kernels.py
   split: str = 'none'
   model_axis: str = 'model'
+  # config.std_rgb: per-channel divisors of the mean-subtracted RGB input (None: none). Here,
+  # not in the input pipeline, so that every path that feeds the network (host and on-device
+  # preprocessing, evaluation, predict, figures) divides the same way.
+  input_std: tuple[float, float, float] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -326,6 +331,10 @@ class AlexNet(nn.Module):
 
     if self.split not in SPLITS:
       raise ValueError(f'split must be one of {SPLITS}, got {self.split!r}')
+    if self.input_std is not None:
+      # Before conv1's zero padding: padding the divided image with zeros is what torchvision
+      # does to its normalised input.
+      x = x / jnp.asarray(self.input_std, jnp.float32)
     x = x.astype(dtype)
     specs = conv_specs(self.variant)
     # conv1's output feeds conv2's columns half by half: it belongs to them already (§3.2).
@@ -388,7 +397,9 @@ def create_model(config: Any, kernels: Kernels | None = None, split: str = 'none
       lrn_within_columns=config.lrn_within_columns, overlapping_pool=config.overlapping_pool,
       activation=config.activation, dropout_rate=config.dropout_rate,
       weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
-      dtype=config.dtype, kernels=kernels, split=split)
+      dtype=config.dtype, kernels=kernels, split=split,
+      # A tuple: the module is hashed as a static argument of jit (config.json gives a list).
+      input_std=None if config.get('std_rgb') is None else tuple(map(float, config.std_rgb)))
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:

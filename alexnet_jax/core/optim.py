@@ -25,32 +25,61 @@ def weights_only(params: Any) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) != 'bias', params)
 
 
+# The layers of every variant, input to output (models.AlexNet's parameter names).
+LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
+
+
+def frozen_layers(freeze_through: str) -> tuple[str, ...]:
+  """The layers config.freeze_through freezes: every layer up to and including it."""
+  if freeze_through == 'none':
+    return ()
+  if freeze_through not in LAYERS:
+    raise ValueError(f'freeze_through={freeze_through!r}: choose none or one of {LAYERS}')
+  return LAYERS[:LAYERS.index(freeze_through) + 1]
+
+
+def trainable_only(tx: optax.GradientTransformation,
+                   frozen: tuple[str, ...]) -> optax.GradientTransformation:
+  """`tx` for every layer but those in `frozen`, which get a zero update: no gradient step, no
+  momentum (no state is kept for them) and no weight decay. optax's masking
+  (`optax.multi_transform`), by the top-level layer name of each parameter."""
+  if not frozen:
+    return tx
+  def labels(params):
+    return {layer: jax.tree_util.tree_map(lambda _, f=layer in frozen: 'frozen' if f else 'train',
+                                          arrays) for layer, arrays in params.items()}
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
 def paper_sgd(learning_rate: float, momentum: float, weight_decay: float,
-              decay_biases: bool = False) -> optax.GradientTransformation:
+              decay_biases: bool = False, frozen: tuple[str, ...] = ()
+              ) -> optax.GradientTransformation:
   """§5: SGD with momentum and weight decay, v <- m v - wd e w - e g; w <- w + v.
 
   The decay term applies to the weights only (§5 writes it for w; cuda-convnet and Caffe's
-  reference AlexNet leave biases undecayed) unless `decay_biases`.
+  reference AlexNet leave biases undecayed) unless `decay_biases`. Layers in `frozen` are not
+  updated (`trainable_only`).
   """
-  return optax.chain(
+  return trainable_only(optax.chain(
       optax.add_decayed_weights(weight_decay, mask=None if decay_biases else weights_only),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum),
-  )
+  ), frozen)
 
 
 def lars(learning_rate: float, momentum: float, weight_decay: float, trust_coefficient: float,
-         decay_biases: bool = False) -> optax.GradientTransformation:
+         decay_biases: bool = False, frozen: tuple[str, ...] = ()
+         ) -> optax.GradientTransformation:
   """LARS (You et al. 2017), optax's: `paper_sgd` with each weight tensor's step (gradient plus
   decay) scaled by trust_coefficient * ||w|| / ||g + wd w|| (1 where either norm is 0).
 
   Biases take the plain step, as in You et al.'s and MLPerf's implementations (a bias's norm
   says nothing about its scale); they are decayed only with `decay_biases`.
   """
-  return optax.lars(learning_rate, weight_decay,
-                    weight_decay_mask=True if decay_biases else weights_only,
-                    trust_coefficient=trust_coefficient, trust_ratio_mask=weights_only,
-                    momentum=momentum)
+  return trainable_only(optax.lars(
+      learning_rate, weight_decay, weight_decay_mask=True if decay_biases else weights_only,
+      trust_coefficient=trust_coefficient, trust_ratio_mask=weights_only, momentum=momentum),
+      frozen)
 
 
 def create_optimizer(config: Any) -> optax.GradientTransformation:
@@ -60,14 +89,16 @@ def create_optimizer(config: Any) -> optax.GradientTransformation:
   step can be given the value of whichever schedule runs, including the validation-driven
   plateau schedule that no function of the step count can express.
   """
+  static = ('decay_biases', 'frozen')
+  frozen = frozen_layers(config.freeze_through)
   if config.optimizer == 'lars':
-    return optax.inject_hyperparams(lars, static_args=('decay_biases',))(
+    return optax.inject_hyperparams(lars, static_args=static)(
         learning_rate=config.learning_rate, momentum=config.momentum,
         weight_decay=config.weight_decay, trust_coefficient=config.lars_trust_coefficient,
-        decay_biases=config.decay_biases)
-  return optax.inject_hyperparams(paper_sgd, static_args=('decay_biases',))(
+        decay_biases=config.decay_biases, frozen=frozen)
+  return optax.inject_hyperparams(paper_sgd, static_args=static)(
       learning_rate=config.learning_rate, momentum=config.momentum,
-      weight_decay=config.weight_decay, decay_biases=config.decay_biases)
+      weight_decay=config.weight_decay, decay_biases=config.decay_biases, frozen=frozen)
 
 
 def peak_learning_rate(config: Any) -> float:

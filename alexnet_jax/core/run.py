@@ -1,10 +1,11 @@
 """A run's directory: what training writes there, and the one way to open a finished run.
 
 A workdir holds config.json (the config, and the kernels the run resolved), classes.json (class
-name -> label), data_stats.npz (the mean it subtracts, unless config.stats_file names one),
-checkpoints/, metrics.jsonl and tensorboard/. The training loop writes them; `open_run` reads
-them and writes nothing, for every command that uses a trained network (evaluate, predict,
-figures, `main.py --mode=eval`).
+name -> label), data_stats.npz (the mean it subtracts, unless config.stats_file names one or
+config.mean_rgb gives it), checkpoints/, metrics.jsonl and tensorboard/. The training loop
+writes them (`python -m alexnet_jax.weights.import_weights` too, for weights trained elsewhere);
+`open_run` reads them and writes nothing, for every command that uses a trained network
+(evaluate, predict, figures, `main.py --mode=eval`).
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ RESUME_SAFE_FIELDS = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_split',
     'eval_batch_size', 'ten_crop_eval', 'data_dir', 'cache', 'device_preprocessing',
     'device_prefetch', 'profile_steps', 'profile_after_steps', 'column_impl', 'pool_impl',
-    'lrn_impl', 'conv_impl', 'conv_backend', 'parallelism', 'model_parallel')
+    'lrn_impl', 'conv_impl', 'conv_backend', 'parallelism', 'model_parallel', 'init_from')
 # Fields that fix the data statistics (the mean image) saved with the run and its classes: a
 # change would recompute them under the checkpoint's network. Refused, like other shapes.
 RESUME_FIXED_FIELDS = ('dataset', 'train_split', 'num_classes', 'resize_size',
-                       'resize_antialias', 'mean', 'stats_file')
+                       'resize_antialias', 'mean', 'stats_file', 'mean_rgb', 'std_rgb')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +208,8 @@ class Run:
     return names
 
   def mean(self) -> np.ndarray | None:
-    """What the run subtracts from every square image (§2), from its saved statistics."""
+    """What the run subtracts from every square image (§2): config.mean_rgb, or the mean of
+    its saved statistics."""
     from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top  (TensorFlow)
     return stats.mean_to_subtract(self.config, stats.saved_stats(self.config, self.workdir))
 

@@ -41,8 +41,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
   """Initial state: §5's initialisation from `seed`, fresh optimizer state, step 0."""
   init_key, base_key = jax.random.split(jax.random.key(seed))
   params = jax.jit(lambda k: models.init_params(model, k, image_size))(init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(base_key))
+  # Jitted: unjitted, optax's init compiles a small program per parameter array (about 2 s for
+  # 'owt', at every start and every restore).
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=jax.jit(tx.init)(params), rng=jax.random.key_data(base_key))
 
 
 def initial_state(config: Any, kernels: Kernels | None = None

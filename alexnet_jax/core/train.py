@@ -33,6 +33,7 @@ from alexnet_jax.core import optim
 from alexnet_jax.core import parallel
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
+from alexnet_jax.core import transfer
 from alexnet_jax.data import on_device
 from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.data import stats as data_stats
@@ -186,6 +187,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 else max(1, int(config.eval_every_epochs * steps_per_epoch)))
   # Before anything is written: a config that cannot continue the workdir's checkpoints stops.
   changes = run_lib.check_resume(workdir, config)
+  # A fine-tune's source is read before anything is written too (a new run only: a workdir
+  # with checkpoints resumes from them).
+  source = None
+  if config.init_from and not checkpoints.complete_steps(checkpoints.checkpoint_dir(workdir)):
+    source = transfer.read_source(config, workdir)
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   # Classes first: a workdir of other classes is refused before its config is overwritten.
   run_lib.record_classes(workdir, info.class_names, is_writer=is_main)
@@ -215,6 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending.checked = [(int(k), v) for k, v in meta.pop(UNLOGGED, [])]
     logging.info('Resuming from the checkpoint of step %d in %s', int(state.step),
                  manager.directory)
+    if config.init_from:
+      logging.info('config.init_from=%r is not read: the run resumes its own checkpoint.',
+                   config.init_from)
+  elif source is not None:
+    started = transfer.start_from(source, state.params, optim.frozen_layers(config.freeze_through))
+    state = state.replace(params=started.params)
   start_step = int(state.step)
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
 

@@ -161,22 +161,38 @@ def decode_center_square(encoded: tf.Tensor, resize_size: int,
     float32 [resize_size, resize_size, 3] on a 0..255 scale.
   """
 
-  def square_window(height, width):
-    side = tf.minimum(height, width)
-    return (height - side) // 2, (width - side) // 2, side
-
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
-    top, left, side = square_window(shape[0], shape[1])
+    top, left, side = _square_window(shape[0], shape[1])
     return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, side, side]), channels=3)
 
   def other():
-    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-    top, left, side = square_window(tf.shape(image)[0], tf.shape(image)[1])
-    return image[top:top + side, left:left + side, :]
+    return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
 
-  square = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-  square = tf.ensure_shape(square, [None, None, 3])
+  # A JPEG comes out of its decoder square already; center_square then only resizes it.
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  return center_square(tf.ensure_shape(image, [None, None, 3]), resize_size, antialias)
+
+
+def _square_window(height: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(top, left, side) of the central square of a height x width image."""
+  side = tf.minimum(height, width)
+  return (height - side) // 2, (width - side) // 2, side
+
+
+def center_square(image: tf.Tensor, resize_size: int, antialias: bool = True) -> tf.Tensor:
+  """§2's square of a decoded image: its central min(H, W) square resized to resize_size.
+
+  `image`: uint8 [H, W, 3], or a batch [N, H, W, 3] of one size. The second half of
+  `decode_center_square` (see there for the choice of resizing), for images decoded elsewhere:
+  the exported serving function (`alexnet_jax.weights.export`) starts from it.
+
+  Returns:
+    float32 [resize_size, resize_size, 3] (or [N, ...]) on a 0..255 scale.
+  """
+  shape = tf.shape(image)
+  top, left, side = _square_window(shape[-3], shape[-2])
+  square = image[..., top:top + side, left:left + side, :]
   return tf.image.resize(square, [resize_size, resize_size], method='bilinear',
                          antialias=antialias)
 

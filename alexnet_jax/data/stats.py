@@ -178,14 +178,28 @@ def load_stats(path: str) -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
+def _given_rgb_mean(config) -> np.ndarray | None:
+  """config.mean_rgb as the [1, 1, 3] mean to subtract, or None where the data give the mean."""
+  if config.mean != 'channel' or config.get('mean_rgb') is None:
+    return None
+  return np.asarray(config.mean_rgb, np.float32).reshape(1, 1, 3)
+
+
 def needs_stats(config) -> bool:
-  """Whether a run of `config` subtracts a mean computed from its training data."""
-  return config.mean != 'none' and config.dataset != 'synthetic'
+  """Whether a run of `config` subtracts a mean computed from its training data (not one
+  that config.mean_rgb gives)."""
+  return (config.mean != 'none' and config.dataset != 'synthetic'
+          and _given_rgb_mean(config) is None)
 
 
 def mean_to_subtract(config, stats: dict[str, np.ndarray] | None) -> np.ndarray | None:
   """What §2 subtracts from every square image: the mean image [R, R, 3] (config.mean='image'),
-  the RGB mean [1, 1, 3] ('channel'), or None ('none', or synthetic data)."""
+  the RGB mean [1, 1, 3] ('channel': config.mean_rgb where given, else the data's), or None
+  ('none', or synthetic data without config.mean_rgb). `stats` may be None where
+  `needs_stats` is False."""
+  given = _given_rgb_mean(config)
+  if given is not None:
+    return given
   if not needs_stats(config):
     return None
   if config.mean == 'channel':
@@ -217,7 +231,7 @@ def training_stats(config, workdir: str, is_writer: bool = True
   Computed from config.stats_num_images training images (all of them for 'digits') by
   `compute_stats` and saved as workdir/data_stats.npz (by the process with `is_writer`); reused
   by later runs in the workdir if they match the dataset and resize_size. None where the run
-  subtracts no mean.
+  subtracts no mean, or the one config.mean_rgb gives (nothing is computed or written).
   """
   if not needs_stats(config):
     return None
@@ -253,8 +267,9 @@ def training_stats(config, workdir: str, is_writer: bool = True
 def saved_stats(config, workdir: str) -> dict[str, np.ndarray] | None:
   """The statistics a finished run used, read only: config.stats_file or workdir/data_stats.npz.
 
-  None where the run subtracts no mean; RunError, naming the command that makes them, where
-  they are missing.
+  None where the run subtracts no mean, or config.mean_rgb's (a run imported by
+  `alexnet_jax.weights.import_weights` has no data_stats.npz); RunError, naming the command
+  that makes them, where they are missing.
   """
   if not needs_stats(config):
     return None
