@@ -10,6 +10,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'alexnet_jax_test_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Every other temporary file of the tests, and of the commands they start, goes into one folder
+# of /tmp: test_faults.py checks that a run writes nothing into /tmp itself, and tests running
+# beside it (`pytest -n 2`) must not make new entries there.
+_TMP = os.path.join(tempfile.gettempdir(), 'alexnet_jax_tests')
+os.makedirs(_TMP, exist_ok=True)
+os.environ['TMPDIR'] = tempfile.tempdir = _TMP
 
 
 import pytest  # pylint: disable=g-import-not-at-top  (after the environment above)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,7 +53,11 @@ def _write_images(directory):
 
 def test_tensorflow_alone_serves_what_predict_predicts(tiny_workdir, tmp_path):
   paths = _write_images(tmp_path)
+  level = absl_logging.get_absl_logger().level
   centre = export.export_saved_model(tiny_workdir, str(tmp_path / 'centre'))
+  # TensorFlow's saving sets absl's logger to WARNING; the export puts it back (a caller's, and
+  # later tests', INFO lines must not vanish).
+  assert absl_logging.get_absl_logger().level == level
   (tmp_path / 'ten').mkdir()  # an empty folder is taken
   ten = export.export_saved_model(tiny_workdir, str(tmp_path / 'ten'), ten_crop=True)
   assert sorted(os.listdir(tmp_path)) == sorted(['centre', 'ten'] + [os.path.basename(p)

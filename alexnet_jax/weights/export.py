@@ -151,6 +151,17 @@ def export_saved_model(workdir: str, output: str, *, which: str = 'best',
   and is not empty, or an unknown platform. Returns the path written.
   """
   platforms = check_platforms(platforms)
+  # TensorFlow's conversion and saving set absl's logger to WARNING (a process-wide setting that
+  # would silence the caller's INFO lines from then on): it is put back afterwards.
+  level = logging.get_absl_logger().level
+  try:
+    return _export(workdir, output, which, ten_crop, platforms)
+  finally:
+    logging.get_absl_logger().setLevel(level)
+
+
+def _export(workdir: str, output: str, which: str, ten_crop: bool,
+            platforms: Sequence[str]) -> str:
   run = run_lib.open_run(workdir)
   _check_output(output)
   cli.prepare_output(output)
