@@ -46,8 +46,9 @@ def trainable_only(tx: optax.GradientTransformation,
   if not frozen:
     return tx
   def labels(params):
-    return {layer: jax.tree_util.tree_map(lambda _, f=layer in frozen: 'frozen' if f else 'train',
-                                          arrays) for layer, arrays in params.items()}
+    label = lambda layer: 'frozen' if layer in frozen else 'train'
+    return {layer: jax.tree_util.tree_map(lambda _: label(layer), arrays)
+            for layer, arrays in params.items()}
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 

@@ -81,9 +81,12 @@ def read_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
   if where == str(paths.resolve(workdir)):
     raise RunError(f'config.init_from={config.init_from!r} is this run\'s own workdir: give '
                    'another run\'s, or leave init_from unset to resume.')
-  run = run_lib.open_run(where)
-  # Plain XLA kernels: only the parameters are wanted, and they are the same for every kernel.
-  restored = run.restore(which='best', kernels=Kernels())
+  try:
+    run = run_lib.open_run(where)
+    # Plain XLA kernels: only the parameters are wanted, and they are the same for every kernel.
+    restored = run.restore(which='best', kernels=Kernels())
+  except RunError as e:  # named as the field the user set
+    raise RunError(f'config.init_from={config.init_from!r}: {e}') from None
   differ = [f'{f}={run.config[f]!r} there, {config[f]!r} here' for f in PREPROCESSING_FIELDS
             if run.config[f] != config[f]]
   if differ:

@@ -61,9 +61,9 @@ from alexnet_jax.core import steps
 from alexnet_jax.core.kernels import Kernels
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources
+from alexnet_jax.paper import predict
 from alexnet_jax.errors import UserError
 
-TOP_K = 5  # §6: the five most probable labels, as predict shows them.
 PLATFORMS = ('cpu', 'cuda')  # where the exported network runs, by default
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # what jax2tf can lower for
 
@@ -113,7 +113,7 @@ class _Serving(tf.Module):
     # The converted network's batch dimension must be >= 1 (jax.export's shape polymorphism).
     probs = tf.cond(tf.shape(patches)[0] > 0, lambda: self._probabilities(patches),
                     lambda: tf.zeros([0, num_classes], tf.float32))
-    values, labels = tf.math.top_k(probs, min(TOP_K, num_classes))
+    values, labels = tf.math.top_k(probs, min(predict.TOP_K, num_classes))
     return {'classes': tf.gather(self.class_names, labels), 'probabilities': values,
             'labels': tf.cast(labels, tf.int32)}
 

@@ -160,10 +160,9 @@ def import_torchvision(file: str, workdir: str,
   if shapes(params) != shapes(state.params):  # a bug: the conversion and the network disagree
     raise ValueError(f'The converted parameters {shapes(params)} do not fit the network '
                      f'{shapes(state.params)}.')
-  del model
-  # Jitted: one compiled program, not one per parameter (optax's init is eager).
-  state = state.replace(params=params,
-                        opt_state=jax.tree_util.tree_map(np.asarray, jax.jit(tx.init)(params)))
+  del model, tx
+  # The fresh optimizer state of `initial_state` holds zeros whatever the parameters: it stays.
+  state = state.replace(params=params)
 
   cli.prepare_output(workdir, flag='workdir', folder=True)
   run_lib.record_classes(workdir, class_names)
