@@ -165,7 +165,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_parallel = 0
 
   # ---- Feeding the devices, profiling (not in the paper) ----
-  # Batches placed on the devices ahead of the step that uses them (steps.device_batches):
+  # Batches placed on the devices ahead of the step that uses them (parallel.device_batches):
   # their host-to-device copies overlap the running step. 0 copies each batch when it is due.
   c.device_prefetch = 2
   # >0 writes a JAX profiler trace of this many steps to workdir/profile, starting

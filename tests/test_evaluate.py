@@ -15,7 +15,7 @@ import conftest
 from alexnet_jax.core import evaluation
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import run as run_lib
-from alexnet_jax.core import steps
+from alexnet_jax.core import parallel
 from alexnet_jax.paper import evaluate
 
 NUM_TEST_DIGITS = 360
@@ -49,7 +49,7 @@ def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop
   config.num_eval_steps = -1
   restored = run.restore()
   theirs = evaluation.evaluate(evaluation.pmapped_eval_step(restored.model, config, run.mean()),
-                               steps.replicate(restored.params), config,
+                               parallel.replicate(restored.params), config,
                                ten_crop=evaluate.CROP_SETTINGS[crop], mean=run.mean())
   assert mine['num_examples'] == theirs['eval/num_examples'] == NUM_TEST_DIGITS
   assert mine['top1_error'] == pytest.approx(theirs['eval/top1_error'], abs=1e-9)

@@ -1,6 +1,6 @@
-"""main.py end to end, and a run over several processes on this machine: 2 processes x 2
+"""main.py end to end, and runs over several processes on this machine: 2 processes x 2 or 4
 simulated CPU devices talking through JAX's coordinator and Gloo on 127.0.0.1, against 1 process
-x 4 devices.
+of as many devices, for the data strategy (pmap) and for the meshes of 'columns' and 'hybrid'.
 
 Each case starts `main.py` processes with bounded timeouts and kills whatever is left of them on
 the way out. The ports are free ones the OS hands out.
@@ -21,6 +21,8 @@ import pytest
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import metrics
 from alexnet_jax.core import run as run_lib
+
+import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per group of processes; a healthy start + 4 tiny steps takes ~50 s here.
@@ -101,15 +103,20 @@ def _stopped_at(log: str) -> int:
   return int(line.split('Stopped at step ')[1].split()[0])
 
 
-def test_sigterm_on_one_process_stops_both_after_the_same_step(tmp_path):
+def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_ends_as_one_run(
+    tmp_path):
   two = tmp_path / 'two'
-  # 2 processes x 2 devices, until SIGTERM reaches one of them (a preempted host): both stop
-  # after the same step and save one checkpoint there.
-  long_run = ['--config.dataset=synthetic', '--config.num_train_steps=1000000',
-              '--config.eval_every_steps=1000000']
-  with _Processes(tmp_path, two, 2, *long_run) as group:
-    group.wait_for(1, 'First step')
-    assert 'Process 1 of 2: 2 local devices of 4 in all' in group.log(1)
+  # 'hybrid' over 2 processes x 4 devices (a mesh whose data axis spans the processes, the fully
+  # connected layers split over each host's 4 devices), until SIGTERM reaches one of them (a
+  # preempted host): both stop after the same step and save one checkpoint there.
+  hybrid = ['--config.eval_every_steps=1000000', '--config.parallelism=hybrid']
+  with _Processes(tmp_path, two, 2, *hybrid, '--config.num_train_steps=1000000',
+                  devices=4) as group:
+    # Sent as the loop starts (its handler in place): the first step's vote carries it, and
+    # every process reads that vote after the second step.
+    group.wait_for(1, 'Training steps')
+    assert 'Process 1 of 2: 4 local devices of 8 in all' in group.log(1)
+    assert "mesh {'data': 2, 'model': 4}" in group.log(0)
     group.procs[1].send_signal(signal.SIGTERM)
     _check_ok(group)
     steps = [_stopped_at(group.log(i)) for i in range(2)]
@@ -120,6 +127,51 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step(tmp_path):
   finally:
     manager.close()
   assert run_lib.open_run(two).restore('latest').step == steps[0]
+
+  # The same command, to 2 steps further, resumes there and ends where one uninterrupted run of
+  # 1 process x 8 devices ends (trained here, in the test's own 8-device process), up to the
+  # float32 round-off of the two layouts after 4 steps (as the data strategy's test below).
+  total = steps[0] + 2
+  with _Processes(tmp_path, two, 2, *hybrid, f'--config.num_train_steps={total}',
+                  devices=4) as group:
+    _check_ok(group)
+    assert f'Resuming from the checkpoint of step {steps[0]}' in group.log(0)
+  one = conftest.train_tiny(tmp_path / 'one', parallelism='hybrid', model_parallel=4,
+                            num_train_steps=total)
+  for x, y in zip(jax.tree_util.tree_leaves(_params(one)),
+                  jax.tree_util.tree_leaves(_params(two))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_columns_and_hybrid_over_two_processes_train_as_over_one(tmp_path):
+  """2 processes x 4 devices train the two-column net 3 steps with 'columns' and with 'hybrid'
+  (tests/mesh_worker.py) and end with the parameters of 1 process x 8 devices: the same global
+  batches, dropout keys (the device's place in the mesh) and gradient sums, up to float32
+  summation order."""
+  port, procs = _free_port(), []
+  try:
+    for i in range(2):
+      procs.append(subprocess.Popen(
+          [sys.executable, os.path.join(ROOT, 'tests', 'mesh_worker.py'), str(tmp_path / 'two'),
+           f'127.0.0.1:{port}', '2', str(i)], env=_env(4), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    import mesh_worker  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    one = {strategy: mesh_worker.train(strategy) for strategy in mesh_worker.MODEL_PARALLEL}
+    for i, p in enumerate(procs):
+      out, _ = p.communicate(timeout=TIMEOUT_S)
+      assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  for strategy, params in one.items():
+    with np.load(tmp_path / f'two_{strategy}.npz') as two:
+      assert sorted(two.files) == sorted(params)
+      for name, value in params.items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=f'{strategy} {name}')
 
 
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
@@ -180,8 +232,9 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
   test_train.py::test_a_failed_collective_says_another_process_is_gone.)"""
   heartbeat_s = 5
   flags = ['--config.dataset=synthetic', '--config.num_train_steps=1000000',
-           '--config.eval_every_steps=1000000', f'--heartbeat_timeout_s={heartbeat_s}']
-  with _Processes(tmp_path, tmp_path / 'run', 2, *flags) as group:
+           '--config.eval_every_steps=1000000', f'--heartbeat_timeout_s={heartbeat_s}',
+           '--config.parallelism=columns']  # (a mesh over both processes)
+  with _Processes(tmp_path, tmp_path / 'run', 2, *flags, devices=4) as group:
     group.wait_for(0, 'First step')
     os.killpg(group.procs[1].pid, signal.SIGKILL)
     t0 = time.time()

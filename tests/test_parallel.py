@@ -39,7 +39,8 @@ def _train(config, num_devices):
   state = placement.put_state(host)
   losses = []
   for batch in placement.batches(_batches(config), ahead=1):
-    state, m, _ = placement.train_step(state, batch, np.float32(0.02), np.int32(0))
+    state, m, _ = placement.train_step(state, batch, np.float32(0.02),
+                                       placement.stop_votes(False))
     losses.append(float(parallel.first_value(m['train/loss'])))
   return losses, placement.host_state(state).params
 
@@ -70,7 +71,7 @@ def _compiled_collectives(config, num_devices):
   placement = parallel.Placement(config, model, tx, host, devices=jax.devices()[:num_devices])
   batch = next(placement.batches(_batches(config, 1), ahead=0))
   compiled = placement.train_step.lower(placement.put_state(host), batch, np.float32(0.01),
-                                        np.int32(0)).compile()
+                                        placement.stop_votes(False)).compile()
   return collectives.collectives(compiled.as_text(), num_devices), placement
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from alexnet_jax.bench import collectives
 
+import test_multiprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _HLO = """
@@ -39,8 +41,8 @@ def test_collectives_are_counted_with_ring_bytes():
   assert (cp.group_size, cp.bytes_sent) == (2, 20)
   assert collectives.bytes_sent(found) == sum(c.bytes_sent for c in found)
   comm = collectives.bytes_sent(found) / 1e9 + 5 * 1e-5
-  assert collectives.project(0.1, found, 1.0, 10.0) == pytest.approx(0.1 + comm)
-  assert collectives.project(0.1, found, 1.0, 10.0, overlap=True) == 0.1
+  assert collectives.project(0.1, found, 1.0, latency_us=10.0) == pytest.approx(0.1 + comm)
+  assert collectives.project(0.1, found, 1.0, latency_us=10.0, overlap=True) == 0.1
 
 
 def test_scaling_command_measures_counts_projects_and_plots(tmp_path):
@@ -48,7 +50,7 @@ def test_scaling_command_measures_counts_projects_and_plots(tmp_path):
   cmd = [sys.executable, '-m', 'alexnet_jax.bench.scaling', '--config=configs/tiny.py',
          '--strategies=columns', '--devices=1,2', '--project_devices=4',
          '--per_device_batch=4', '--steps=1', '--warmup=0', '--cpu_devices=4',
-         '--bandwidth_gb_s=2', '--latency_us=5', f'--output={out}']
+         '--intra_host_gb_s=2', '--latency_us=5', f'--output={out}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(x) for x in (out / 'scaling.jsonl').read_text().splitlines()]
@@ -85,8 +87,77 @@ def test_projection_can_plan_with_a_given_one_device_step():
        'measured': True},
       {'parallelism': 'data', 'devices': 8, 'batch_size': 1024, 'bytes_sent': 4.0e8,
        'num_collectives': 3, 'measured': False}]
-  scaling.project(records, bandwidth_gb_s=10.0, latency_us=100.0, step_ms=81.0)
+  scaling.project(records, intra_host_gb_s=10.0, inter_host_gb_s=1.0, latency_us=100.0,
+                  step_ms=81.0)
   # 81 ms of compute, 400 MB at 10 GB/s = 40 ms, 3 messages of 0.1 ms.
   assert records[1]['projected_step_ms'] == pytest.approx(81 + 40 + 0.3)
   assert records[1]['projected_speedup'] == pytest.approx(8 * 81 / 121.3)
   assert records[0]['scaling_efficiency'] == 1.0 and records[0]['projected_step_ms'] == 81.0
+
+
+def test_bytes_between_hosts_follow_the_hierarchical_algorithms():
+  ag, rs, ar, ags, cp = collectives.collectives(_HLO, num_devices=4)
+  two_hosts, alternate = [0, 0, 1, 1], [0, 1, 0, 1]
+  # Pairs {0,1} and {2,3} within each host: nothing crosses; alternating hosts: all of it.
+  assert ag.bytes_between_hosts(two_hosts) == rs.bytes_between_hosts(two_hosts) == 0
+  assert ag.bytes_between_hosts(alternate) == ag.bytes_sent
+  assert rs.bytes_between_hosts(alternate) == rs.bytes_sent
+  # All four devices, 2 hosts of 2: 2 S (h-1)/(h l) = S / 2 of the all-reduce crosses, and
+  # S (h-1)/(h l) = S / 4 of the all-gather; the rest (2 S (l-1)/l, S (l-1)/l) stays within.
+  assert ar.bytes_between_hosts(two_hosts) == 600 / 2
+  assert ags.bytes_between_hosts(two_hosts) == 64 / 4
+  # The permute's pairs (0->1, 1->0) stay on host 0, or all cross.
+  assert cp.bytes_between_hosts(two_hosts) == 0 and cp.bytes_between_hosts(alternate) == 20
+  # XLA's transposed iota groups: ids laid out 2x2 and transposed, (0,2) and (1,3).
+  line = ('%x = f32[8]{0} all-reduce(f32[8]{0} %a), replica_groups=[2,2]<=[2,2]T(1,0), '
+          'to_apply=%add')
+  (transposed,) = collectives.collectives(line, num_devices=4)
+  assert transposed.groups == ((0, 2), (1, 3))
+  assert transposed.bytes_between_hosts(two_hosts) == transposed.bytes_sent == 32
+  # The projection puts each part on its own link.
+  found = [ar, ag]
+  t = collectives.project(0.1, found, 10.0, 1.0, host_of=two_hosts, latency_us=5.0)
+  across = 300.0
+  within = ar.bytes_sent + ag.bytes_sent - across
+  assert t == pytest.approx(0.1 + within / 10e9 + across / 1e9 + 2 * 5e-6)
+
+
+def test_scaling_command_across_two_processes(tmp_path):
+  """2 processes x 2 CPU devices: the sweep runs one host's points on process 0 and the 4-device
+  point on both hosts; process 0 alone writes the files."""
+  port = test_multiprocess._free_port()  # pylint: disable=protected-access
+  procs = []
+  try:
+    for i in range(2):
+      cmd = [sys.executable, '-m', 'alexnet_jax.bench.scaling', '--config=configs/tiny.py',
+             '--strategies=columns', '--project_devices=2x1', '--per_device_batch=4',
+             '--steps=1', '--warmup=0', '--cpu_devices=2', f'--output={tmp_path / str(i)}',
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+             f'--process_id={i}']
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, 9)
+        p.wait()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert not (tmp_path / '1').exists()
+  lines = [json.loads(x) for x in (tmp_path / '0' / 'scaling.jsonl').read_text().splitlines()]
+  # One device holds no pair of columns; the model axis stays within a host, so 2 hosts of 1
+  # device cannot either.
+  skipped = {(r['devices'], r['hosts']): r['skipped'] for r in lines if 'skipped' in r}
+  assert set(skipped) == {(1, 1), (2, 2)}
+  assert 'needs a multiple of 2 devices, and 1 are here' in skipped[1, 1]
+  assert 'within one host' in skipped[2, 2]
+  records = {(r['parallelism'], r['devices'], r['hosts']): r for r in lines if 'skipped' not in r}
+  assert set(records) == {('data', 1, 1), ('columns', 2, 1), ('columns', 4, 2)}
+  assert all(r['measured'] for r in records.values())
+  one, two = records['columns', 2, 1], records['columns', 4, 2]
+  assert one['bytes_sent_between_hosts'] == 0 and two['mesh'] == [2, 2]
+  # Across hosts only the gradient sums of the data axis travel, never the columns' activations.
+  assert 0 < two['bytes_sent_between_hosts'] <= two['bytes_sent'] - two['bytes_sent_activations']
+  assert 'columns on 4 devices (2 hosts)' in outputs[0]

@@ -1,4 +1,5 @@
-"""The pmapped training and evaluation steps against one-device and NumPy computations."""
+"""The training and evaluation steps (data-parallel, under pmap) against one-device and NumPy
+computations."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,7 @@ import pytest
 
 from alexnet_jax.core import models
 from alexnet_jax.core import optim
+from alexnet_jax.core import parallel
 from alexnet_jax.core import steps
 from configs import digits as digits_config
 
@@ -28,14 +30,14 @@ def _train(config, batches, num_devices):
   model = models.create_model(config)
   tx = optim.create_optimizer(config)
   state = steps.create_train_state(model, tx, seed=0, image_size=config.image_size)
-  rstate = steps.replicate(state, devices)
-  p_train = steps.pmapped_train_step(model, tx, devices)
+  rstate = parallel.replicate(state, devices)
+  p_train = parallel.pmapped_train_step(model, tx, devices)
   history = []
   for batch in batches:
-    rstate, m, _ = p_train(rstate, steps.shard(batch, num_devices), np.float32(0.01),
-                           np.int32(0))
-    history.append(steps.unreplicate(m))
-  return steps.unreplicate(rstate), history
+    rstate, m, _ = p_train(rstate, parallel.shard(batch, num_devices), np.float32(0.01),
+                           np.zeros(num_devices, np.int32))
+    history.append(parallel.unreplicate(m))
+  return parallel.unreplicate(rstate), history
 
 
 def test_one_and_four_devices_give_the_same_parameters_without_dropout():
@@ -96,8 +98,8 @@ def test_eval_step_counts_only_masked_examples_and_averages_ten_crops(ten_crop):
   logits = images.reshape(b, 10, classes) if ten_crop else images.reshape(b, classes)
   labels = rng.integers(0, classes, b).astype(np.int32)
   mask = np.array([1, 1, 1, 0, 1, 1, 0, 0], bool)
-  p_eval = steps.pmapped_eval_step(_LogitsAreInputs(), jax.local_devices()[:2])
-  out = p_eval({}, steps.shard({'image': images, 'label': labels, 'mask': mask}, 2))
+  p_eval = parallel.pmapped_eval_step(_LogitsAreInputs(), jax.local_devices()[:2])
+  out = p_eval({}, parallel.shard({'image': images, 'label': labels, 'mask': mask}, 2))
   out = {k: float(np.asarray(v)[0]) for k, v in out.items()}
   probs = _softmax(logits.astype(np.float64))
   if ten_crop:
@@ -126,7 +128,8 @@ def test_device_batches_are_the_host_batches_placed_ahead_of_use(ahead):
       yield batch
 
   out = []
-  for k, batch in enumerate(steps.device_batches(source(), ahead, devices)):
+  put = lambda b: jax.device_put(parallel.shard(b, 4), parallel.device_axis_sharding(devices))
+  for k, batch in enumerate(parallel.device_batches(source(), ahead, put)):
     # When batch k is handed over, the next `ahead` are already on their way to the devices.
     assert len(pulled) == min(k + 1 + ahead, len(host))
     assert [s.device for s in batch['image'].addressable_shards] == devices
@@ -134,4 +137,4 @@ def test_device_batches_are_the_host_batches_placed_ahead_of_use(ahead):
   assert len(out) == len(host)
   for placed, batch in zip(out, host):
     for key in batch:
-      np.testing.assert_array_equal(np.asarray(placed[key]), steps.shard(batch, 4)[key])
+      np.testing.assert_array_equal(np.asarray(placed[key]), parallel.shard(batch, 4)[key])

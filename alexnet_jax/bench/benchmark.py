@@ -9,7 +9,8 @@
 
 Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
 reports the median of --steps timed repetitions. The training step is the one training uses
-(`steps.pmapped_train_step`: forward, backward, pmean, SGD with momentum and weight decay) on
+(`core.parallel`'s step of config.parallelism: forward, backward, the gradient sums, SGD with
+momentum and weight decay) on
 synthetic data made on the device, so neither decoding nor host-to-device copies are timed;
 'loop' adds them back (the input pipeline on real JPEGs feeding the step). The kernels are
 resolved once (`core.kernels`), as training does, printed, and recorded in each train record.
@@ -111,19 +112,20 @@ def _devices(num_devices: int) -> list:
 
 def _setup(config: Any, num_devices: int, kernels):
   """Model, optimizer and replicated state on the first `num_devices` devices."""
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   devices = _devices(num_devices)
   model, tx, state = steps.initial_state(config, kernels)
-  return model, tx, steps.replicate(state, devices), devices
+  return model, tx, parallel.replicate(state, devices), devices
 
 
 def _device_images(shape: tuple, devices: list, seed: int = 0, sharding=None):
   """Random images made on the devices, [devices, per-device batch, ...] (or `shape` laid out
   as `sharding`)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   make = jax.jit(lambda k: jax.random.normal(k, shape) * 60.0,
-                 out_shardings=sharding or steps.device_axis_sharding(devices))
+                 out_shardings=sharding or parallel.device_axis_sharding(devices))
   return make(jax.random.key(seed))
 
 
@@ -142,14 +144,17 @@ def peak_memory_bytes(compiled: Any) -> int | None:
              + m.temp_size_in_bytes)
 
 
-def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
-                  kernels=None) -> dict[str, Any]:
+def measure_train(config: Any, devices: int | list, steps_: int, warmup: int,
+                  kernels=None, per_host: int | None = None) -> dict[str, Any]:
   """The training step of config.parallelism (`core.parallel`) on device-resident synthetic
-  data, with `kernels` (default: resolved for this machine, as training does).
+  data, with `kernels` (default: resolved for this machine, as training does), over `devices`
+  (a list, possibly spanning processes, or the first n local ones).
 
   Also records what the compiled step holds and exchanges: its peak memory per device and the
   bytes each device sends per step (`bench.collectives`, from the optimised HLO), split into
-  activations (collectives inside the network) and gradients and metrics (the rest).
+  activations (collectives inside the network) and gradients and metrics (the rest), and the
+  part that crosses between hosts: the processes' own, or `per_host` consecutive devices taken
+  as one host (a projection of a larger machine; count only).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -158,18 +163,26 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
   from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   kernels = kernels or kernels_lib.resolve(config)
-  devices = _devices(num_devices)
+  devices = _devices(devices) if isinstance(devices, int) else devices
+  num_devices = len(devices)
   model, tx, host = steps.initial_state(config, kernels)
-  placement = parallel.Placement(config, model, tx, host, kernels, devices)
+  placement = parallel.Placement(config, model, tx, host, devices, per_host=per_host)
+  # Logical device i of the compiled step (its place in the mesh, or in pmap's device list) and
+  # the host it is on.
+  order = (list(placement.mesh.devices.flat) if placement.mesh is not None
+           else placement.devices)
+  host_of = ([i // per_host for i in range(num_devices)] if per_host
+             else [d.process_index for d in order])
   b, size = config.batch_size, config.image_size
-  lr, stop = np.float32(config.learning_rate), np.int32(0)
+  lr, stop = np.float32(config.learning_rate), placement.stop_votes(False)
   if placement.mesh is None:
-    per_device = steps.device_axis_sharding(devices)
-    image_shape = (num_devices, b // num_devices, size, size, 3)
+    local = placement.local_devices
+    per_device = parallel.device_axis_sharding(local)
+    image_shape = (len(local), b // num_devices, size, size, 3)
     label_shape = image_shape[:2]
     batch_sharding = per_device
     state_shapes = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct((num_devices,) + np.shape(x), np.asarray(x).dtype,
+        lambda x: jax.ShapeDtypeStruct((len(local),) + np.shape(x), np.asarray(x).dtype,
                                        sharding=per_device), host)
   else:
     image_shape, label_shape = (b, size, size, 3), (b,)
@@ -177,40 +190,58 @@ def measure_train(config: Any, num_devices: int, steps_: int, warmup: int,
     state_shapes = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s), host,
         placement.shardings)
+  batch_shapes = {'image': jax.ShapeDtypeStruct(image_shape, np.float32, sharding=batch_sharding),
+                  'label': jax.ShapeDtypeStruct(label_shape, np.int32, sharding=batch_sharding)}
+  holder = {}
+  # In a run of several processes pmap lowers from this process's arrays, not from shapes, and
+  # its compiled form is called through pmap itself (as training does).
+  pmap_across = placement.mesh is None and jax.process_count() > 1
+  if pmap_across:
+    holder['state'] = placement.put_state(host)
+    state_shapes, batch_shapes = holder['state'], _device_batch(batch_shapes)
   t0 = time.perf_counter()
   # Compiled from shapes alone: a count-only point (steps_=0) never holds the state, whose
   # copies on many simulated devices would not fit in the host's memory.
-  compiled = placement.train_step.lower(
-      state_shapes, {'image': jax.ShapeDtypeStruct(image_shape, np.float32,
-                                                   sharding=batch_sharding),
-                     'label': jax.ShapeDtypeStruct(label_shape, np.int32,
-                                                   sharding=batch_sharding)},
-      lr, stop).compile()
+  compiled = placement.train_step.lower(state_shapes, batch_shapes, lr, stop).compile()
   compile_s = time.perf_counter() - t0
   found = collectives_lib.collectives(compiled.as_text(), num_devices)
+  run = placement.train_step if pmap_across else compiled
   median = None  # steps_=0: compiled and counted only (points a projection cannot run)
   if steps_:
-    batch = {'image': _device_images(image_shape, devices, sharding=batch_sharding),
-             'label': jax.device_put(np.zeros(label_shape, np.int32), batch_sharding)}
-    holder = {'state': placement.put_state(host)}
+    batch = _device_batch(batch_shapes)
+    holder.setdefault('state', placement.put_state(host))
 
     def step():
-      holder['state'], m, _ = compiled(holder['state'], batch, lr, stop)
+      holder['state'], m, _ = run(holder['state'], batch, lr, stop)
       return m
 
     median = _time(step, steps_, warmup)[1]
   flops = 3 * forward_flops(config) * b  # forward + backward (about twice the forward)
-  m = parallel.model_axis_size(config.parallelism, num_devices, config.model_parallel)
+  mesh = list(placement.mesh.devices.shape) if placement.mesh else [num_devices, 1]
   return {'measurement': 'train', 'train_images_per_sec': median and b / median,
           'step_ms': median and median * 1e3,
           'compile_s': compile_s, 'devices': num_devices, 'batch_size': b,
-          'parallelism': config.parallelism, 'mesh': [num_devices // m, m],
+          'hosts': len(set(host_of)), 'devices_per_host': num_devices // len(set(host_of)),
+          'parallelism': config.parallelism, 'mesh': mesh,
           'dtype': config.dtype, 'model': config.model, 'image_size': config.image_size,
           'achieved_gflops': median and flops / median / 1e9,
           'peak_memory_bytes': peak_memory_bytes(compiled),
           'bytes_sent': collectives_lib.bytes_sent(found),
           'bytes_sent_activations': collectives_lib.bytes_sent(c for c in found if c.layer),
+          'bytes_sent_between_hosts': collectives_lib.bytes_between_hosts(found, host_of),
           'num_collectives': len(found), **kernels.as_dict()}
+
+
+def _device_batch(shapes: dict[str, Any]) -> dict[str, Any]:
+  """Synthetic images and zero labels made on the devices, shaped and laid out as `shapes`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  image, label = shapes['image'], shapes['label']
+  make = jax.jit(lambda k: jax.random.normal(k, image.shape) * 60.0,
+                 out_shardings=image.sharding)
+  return {'image': make(jax.random.key(0)),
+          'label': jax.make_array_from_callback(label.shape, label.sharding,
+                                                lambda i: np.zeros(label.shape, np.int32)[i])}
 
 
 def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
@@ -218,7 +249,7 @@ def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
   """The evaluation step (centre crop or the 10-crop test) on synthetic data."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   model, _, rstate, devices = _setup(config, num_devices, kernels_lib.resolve(config))
   b = config.eval_batch_size
   crops = (10,) if ten_crop else ()
@@ -226,7 +257,7 @@ def measure_eval(config: Any, num_devices: int, steps_: int, warmup: int,
                           (config.image_size, config.image_size, 3), devices)
   batch = {'image': images, 'label': jnp.zeros((num_devices, b // num_devices), jnp.int32),
            'mask': jnp.ones((num_devices, b // num_devices), bool)}
-  p_eval = steps.pmapped_eval_step(model, devices)
+  p_eval = parallel.pmapped_eval_step(model, devices)
   first, median = _time(lambda: p_eval(rstate.params, batch), steps_, warmup)
   return {'measurement': 'eval_ten_crop' if ten_crop else 'eval_center_crop',
           'eval_images_per_sec': b / median, 'step_ms': median * 1e3,
@@ -264,6 +295,7 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
   the full-size JPEGs in float32."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
@@ -277,19 +309,19 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
   if device:
     config.data_dir, _ = pipeline_benchmark.prepared_copy(config, directory)
     config.dataset = 'prepared'
-  model, tx, rstate, devices = _setup(config, num_devices, kernels_lib.resolve(config))
+  model, tx, host = steps.initial_state(config, kernels_lib.resolve(config))
   lr = np.float32(config.learning_rate)
   with tempfile.TemporaryDirectory() as workdir:
     mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
-    p_train = steps.pmapped_train_step(model, tx, devices,
-                                       on_device.finisher(config, mean) if device else None)
+    placement = parallel.Placement(config, model, tx, host, _devices(num_devices),
+                                   on_device.finisher(config, mean) if device else None)
     it = input_pipeline.train_iterator(config, mean=mean, on_device=device)
     # Fed as training feeds it: config.device_prefetch batches placed on the devices ahead.
-    batches = steps.device_batches(it, config.device_prefetch, devices)
-    holder = {'state': rstate}
+    batches = placement.batches(it, config.device_prefetch)
+    holder, stop = {'state': placement.put_state(host)}, placement.stop_votes(False)
 
     def step():
-      holder['state'], m, _ = p_train(holder['state'], next(batches), lr, np.int32(0))
+      holder['state'], m, _ = placement.train_step(holder['state'], next(batches), lr, stop)
       return m
 
     try:

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alexnet_jax import paths
+from alexnet_jax.core import distributed
 
 BEST_METRIC = 'eval/top1_error'
 DAMAGED_DIRNAME = 'checkpoints_damaged'
@@ -214,8 +215,7 @@ def restore_latest_good(workdir: str, keep: int, state_like: Any, schedule_like:
       target.mkdir(parents=True, exist_ok=True)
       for bad, _ in damaged:
         (paths.resolve(checkpoint_dir(workdir)) / str(bad)).rename(target / f'{bad}-{stamp}')
-  if jax.process_count() > 1:  # Every process, damage or not: the moves are done after it.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('alexnet_jax: damaged checkpoints moved')
+  # Every process, damage or not: the moves are done after it.
+  distributed.barrier('alexnet_jax: damaged checkpoints moved')
   manager.reload()
   return manager, restored

@@ -281,7 +281,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                   f'(try a multiple of {num_devices})')
   from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  parallel.check(config, num_devices, jax.process_count())
+  parallel.check(config, num_devices, num_devices // jax.process_count())
   if config.dataset == 'folder' and not config.data_dir:
     raise _fail('data_dir', config.data_dir,
                 "dataset 'folder' needs --config.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")

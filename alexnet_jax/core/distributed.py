@@ -99,6 +99,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process of the run reaches `barrier(name)` (nothing in one process).
+
+  Through the coordination service, with `timeout_s`: a collective such as
+  `multihost_utils.sync_global_devices` would give up after ~30 s on the CPU backend (Gloo's
+  set-up), too short for one process's work while the others wait (a dataset prepared by
+  process 0, a benchmark point run on one host). Each name may be waited on once.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def define_flags() -> None:
   """The flags of `initialize`, for the commands that train or evaluate."""
   from absl import flags  # pylint: disable=g-import-not-at-top

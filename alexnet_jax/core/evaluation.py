@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from alexnet_jax.core import metrics as metrics_lib
+from alexnet_jax.core import parallel
 from alexnet_jax.core import steps
 from alexnet_jax.data import on_device
 from alexnet_jax.data import pipeline
@@ -51,10 +52,10 @@ def _batches(config, *, split: str | None, ten_crop: bool, mean: np.ndarray | No
 
 
 def pmapped_eval_step(model, config, mean: np.ndarray | None) -> Callable:
-  """`steps.pmapped_eval_step` for `evaluate`: with config.device_preprocessing, it finishes
+  """`parallel.pmapped_eval_step` for `evaluate`: with config.device_preprocessing, it finishes
   the uint8 patches on the device (`data.on_device`)."""
   finish = on_device.finisher(config, mean) if config.device_preprocessing else None
-  return steps.pmapped_eval_step(model, finish=finish)
+  return parallel.pmapped_eval_step(model, finish=finish)
 
 
 def evaluate(p_eval: Callable, rparams: Any, config, *, ten_crop: bool,
@@ -68,7 +69,7 @@ def evaluate(p_eval: Callable, rparams: Any, config, *, ten_crop: bool,
   for _, _, batch in _batches(config, split=split, ten_crop=ten_crop, mean=mean,
                               max_batches=config.num_eval_steps,
                               device=config.device_preprocessing):
-    out = p_eval(rparams, steps.shard(batch))
+    out = p_eval(rparams, parallel.shard(batch))
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
   # psum made every device's copy the global sum.
   return metrics_lib.error_rates(
@@ -84,11 +85,11 @@ def split_probabilities(model, params: Any, config, *, ten_crop: bool,
   take the same share whatever the config's batch size, so the probabilities of several runs of
   one dataset line up example by example (the ensembles of §6). `params` are host arrays.
   """
-  p_probs = steps.pmapped_probabilities(model)
-  rparams = steps.replicate(params)
+  p_probs = parallel.pmapped_probabilities(model)
+  rparams = parallel.replicate(params)
   probs, labels = [], []
   for _, _, batch in _batches(config, split=split, ten_crop=ten_crop, mean=mean):
-    out = np.asarray(p_probs(rparams, steps.shard({'image': batch['image']})['image']))
+    out = np.asarray(p_probs(rparams, parallel.shard({'image': batch['image']})['image']))
     out = out.reshape((-1, out.shape[-1]))
     probs.append(out[batch['mask']])
     labels.append(batch['label'][batch['mask']])

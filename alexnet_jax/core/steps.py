@@ -1,15 +1,29 @@
-"""The training and evaluation steps: pure per-device functions, mapped over devices with pmap.
+"""The training and evaluation steps: pure functions, written once for every parallel strategy.
 
-The paper split one network over two GPUs by its columns (§3.2); here every device holds the
-whole network and a slice of the batch (data parallelism): gradients and metrics are averaged
-over the device axis with `lax.pmean`, which equals the gradient of the mean loss over the global
-batch when each device holds the same number of examples.
+One SGD step of §5 is two parts:
+- `grads_and_metrics`, what each device computes on its own: the uint8 patches finished into
+  images, its dropout keys, the forward and backward pass over the layers it holds, the loss of
+  the rows it answers for, the gradient sums over the devices that share a parameter, and the
+  metrics;
+- `apply_gradients`, the optimizer update (§5's momentum and weight decay, or LARS), on whole
+  parameters, so that norms over a parameter (LARS, the gradient norm) are the whole one's.
+`train_step` composes them. `parallel.py` wraps it for each strategy: under `jax.pmap` ('data':
+every device holds the whole network, so both parts run on each device) or with
+`grads_and_metrics` in `jax.shard_map` over a (data, model) mesh and the update under `jax.jit`
+on the global arrays ('columns', 'hybrid': a device holds its slices of some layers).
+
+The loss: each device takes the mean cross-entropy of the rows of the global batch that it alone
+answers for, divided by the number of devices N; summed over all devices that is the mean over
+the global batch. Inside shard_map and pmap JAX transposes each collective of the forward pass
+(a gather into a reduce-scatter, a sum into a sum), so a device's gradient is already that of
+its whole model group's loss; what remains is a sum over the axes along which a parameter is
+replicated (every axis for the data strategy: `lax.psum` of loss / N is the mean gradient).
 """
 
 from __future__ import annotations
 
-import collections
-from typing import Any, Callable, Iterable, Iterator
+import dataclasses
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -18,13 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import models
 from alexnet_jax.core import optim
 from alexnet_jax.core.kernels import Kernels
 
-AXIS = 'devices'
+# The device axes: the data axis splits the batch (every strategy), the model axis splits
+# layers within a group of devices ('columns', 'hybrid').
+DATA, MODEL = 'data', 'model'
 
 
 @flax.struct.dataclass
@@ -57,6 +74,42 @@ def initial_state(config: Any, kernels: Kernels | None = None
   return model, tx, jax.tree_util.tree_map(np.asarray, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class Axes:
+  """The device axes a per-device step runs over.
+
+  names: every axis, outermost first ((DATA,) under pmap; (DATA, MODEL) on a mesh).
+  model: the axis whose devices share one copy of the network (None: each holds all of it).
+  shared_rows: the devices of a model group hold the same rows of the batch ('columns': both
+    columns see the pair's images), rather than each its own ('hybrid').
+  """
+  names: tuple[str, ...] = (DATA,)
+  model: str | None = None
+  shared_rows: bool = False
+
+  def device_index(self) -> jax.Array:
+    """This device's index over all the axes (row-major): its dropout stream."""
+    index = 0
+    for name in self.names:
+      index = index * lax.axis_size(name) + lax.axis_index(name)
+    return index
+
+  def num_devices(self) -> int:
+    return int(np.prod([lax.axis_size(name) for name in self.names]))
+
+  def own_rows(self, x: jax.Array) -> jax.Array:
+    """This device's share of rows that its whole model group computed (the identity without
+    a model axis)."""
+    if self.model is None:
+      return x
+    rows = x.shape[0] // lax.axis_size(self.model)
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(self.model) * rows, rows)
+
+  def replicated(self, spec: P | None) -> tuple[str, ...]:
+    """The axes along which a parameter laid out as `spec` has copies (None: every axis)."""
+    return tuple(a for a in self.names if spec is None or a not in spec)
+
+
 def _finished(batch: dict[str, jax.Array], finish: Callable | None) -> dict[str, jax.Array]:
   if finish is not None:
     return finish(batch)
@@ -66,37 +119,67 @@ def _finished(batch: dict[str, jax.Array], finish: Callable | None) -> dict[str,
   return batch
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation,
-               finish: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's slice of the batch; call under pmap(axis_name=AXIS).
+def grads_and_metrics(params: Any, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array,
+                      stop: jax.Array, *, model: nn.Module, axes: Axes, specs: Any = None,
+                      finish: Callable | None = None
+                      ) -> tuple[Any, dict[str, jax.Array], jax.Array]:
+  """One device's part of a training step: (gradients, metrics, stop votes).
 
-  Every device draws its own dropout masks: the key is folded with the step and the device index.
-  `finish` (`data.on_device.finisher`) turns uint8 patches into the network's float images.
+  Runs on one device's slice of everything, under pmap or shard_map over `axes`. `params` are
+  the layers this device holds (`model` computes with them and exchanges activations over
+  axes.model where it splits a layer); `specs` their PartitionSpecs (None: whole on every
+  device). Every device draws its own dropout masks: the key is folded with the step and the
+  device's index. `finish` (`data.on_device.finisher`) turns uint8 patches into the network's
+  float images. The gradients returned are those of the global batch's mean loss; the metrics
+  are global means; the votes count the devices whose process wishes to stop (`stop`, 0 or 1 on
+  each device), so every process reads the same votes.
   """
   batch = _finished(batch, finish)
-  key = jax.random.wrap_key_data(state.rng)
-  dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+  dropout_key = jax.random.fold_in(key, axes.device_index())
+  labels = axes.own_rows(batch['label']) if axes.shared_rows else batch['label']
+  n = axes.num_devices()
 
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': dropout_key})
-    return jnp.mean(metrics_lib.cross_entropy(logits, batch['label'])), logits
+  def loss_fn(p):
+    logits = axes.own_rows(model.apply({'params': p}, batch['image'], train=True,
+                                       rngs={'dropout': dropout_key}))
+    loss = jnp.mean(metrics_lib.cross_entropy(logits, labels))
+    return loss / n, (loss, logits)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = lax.pmean(grads, AXIS)
+  (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if specs is None:
+    grads = lax.psum(grads, axes.replicated(None))
+  else:
+    grads = jax.tree_util.tree_map(lambda g, s: lax.psum(g, axes.replicated(s)), grads, specs,
+                                   is_leaf=lambda x: isinstance(x, P))
+  step_metrics = {
+      'train/loss': loss,
+      'train/top1_error': jnp.mean(metrics_lib.topk_errors(logits, labels, 1)),
+      'train/top5_error': jnp.mean(metrics_lib.topk_errors(
+          logits, labels, min(5, logits.shape[-1]))),
+  }
+  return grads, lax.pmean(step_metrics, axes.names), lax.psum(jnp.sum(stop), axes.names)
+
+
+def apply_gradients(state: TrainState, grads: Any, learning_rate: jax.Array,
+                    tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+  """The optimizer update of whole parameters with `learning_rate`: (next state, the gradient's
+  global norm)."""
   opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
   updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  step_metrics = {
-      'train/loss': loss,
-      'train/top1_error': jnp.mean(metrics_lib.topk_errors(logits, batch['label'], 1)),
-      'train/top5_error': jnp.mean(metrics_lib.topk_errors(
-          logits, batch['label'], min(5, logits.shape[-1]))),
-      'train/grad_norm': optax.tree.norm(grads),
-  }
-  step_metrics = lax.pmean(step_metrics, AXIS)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+          optax.tree.norm(grads))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array,
+               stop: jax.Array, *, tx: optax.GradientTransformation, grads_fn: Callable
+               ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+  """One SGD step: (state, metrics, stop votes). `grads_fn` is `grads_and_metrics` with its
+  model and axes bound, as the strategy runs it (per device, or shard_mapped)."""
+  grads, step_metrics, votes = grads_fn(state.params, batch, state.rng, state.step, stop)
+  state, grad_norm = apply_gradients(state, grads, learning_rate, tx)
+  return state, dict(step_metrics, **{'train/grad_norm': grad_norm}), votes
 
 
 def probabilities(params: Any, images: jax.Array, *, model: nn.Module) -> jax.Array:
@@ -109,99 +192,14 @@ def probabilities(params: Any, images: jax.Array, *, model: nn.Module) -> jax.Ar
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-              finish: Callable | None = None) -> dict[str, jax.Array]:
-  """`metrics.error_sums` of a batch, summed over the devices; call under pmap(axis_name=AXIS).
+              finish: Callable | None = None, axis: str = DATA) -> dict[str, jax.Array]:
+  """`metrics.error_sums` of one device's batch, summed over `axis`: the whole network on every
+  device, in every strategy (evaluation has no gradients to exchange).
 
   A batch of shape [B, 10, H, W, 3] is the paper's 10-crop test (§4.1): the softmax outputs of
-  the ten patches are averaged before the errors are counted. `finish` as in `train_step`.
+  the ten patches are averaged before the errors are counted. `finish` as in
+  `grads_and_metrics`.
   """
   batch = _finished(batch, finish)
   probs = probabilities(params, batch['image'], model=model)
-  return lax.psum(metrics_lib.error_sums(probs, batch['label'], batch['mask']), AXIS)
-
-
-def pmapped_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                       devices: list | None = None, finish: Callable | None = None) -> Callable:
-  """train_step mapped over `devices` (default: all local ones); the state is donated.
-
-  (state, batch, learning_rate, stop) -> (state, metrics, stop_votes): `stop` is this process's
-  wish to stop (0 or 1, from a signal), and `stop_votes` its sum over every device of every
-  process. All processes read the same votes, so they agree on where to stop (`train.py`)
-  through the step's own collective, with no extra synchronisation.
-  """
-
-  def step(state, batch, learning_rate, stop):
-    state, step_metrics = train_step(state, batch, learning_rate, model=model, tx=tx,
-                                     finish=finish)
-    return state, step_metrics, lax.psum(stop, AXIS)
-
-  return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
-                  devices=devices)
-
-
-def pmapped_eval_step(model: nn.Module, devices: list | None = None,
-                      finish: Callable | None = None) -> Callable:
-  """eval_step mapped over `devices` (default: all local ones)."""
-  return jax.pmap(lambda p, b: eval_step(p, b, model=model, finish=finish), axis_name=AXIS,
-                  devices=devices)
-
-
-def pmapped_probabilities(model: nn.Module, devices: list | None = None) -> Callable:
-  """`probabilities` mapped over `devices` (default: all local ones): (params, images) ->
-  [devices, b, classes]."""
-  return jax.pmap(lambda p, x: probabilities(p, x, model=model), axis_name=AXIS,
-                  devices=devices)
-
-
-def device_axis_sharding(devices: list) -> jax.sharding.NamedSharding:
-  """Arrays [len(devices), ...] with row i on devices[i]: what pmap takes without a copy."""
-  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                    jax.sharding.PartitionSpec(AXIS))
-
-
-def replicate(tree: Any, devices: list | None = None) -> Any:
-  """Copies a pytree to every device (default: local ones), with a leading device axis."""
-  devices = devices or jax.local_devices()
-  sharding = device_axis_sharding(devices)
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
-
-
-def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated pytree, as host NumPy arrays."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-
-def shard(batch: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
-  """Reshapes a host batch [B, ...] to [n, B/n, ...] for pmap (n: local devices by default)."""
-  n = n or jax.local_device_count()
-
-  def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f'a batch of {x.shape[0]} does not split over {n} local devices')
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-
-  return jax.tree_util.tree_map(split, batch)
-
-
-def device_batches(host_batches: Iterable[dict[str, np.ndarray]], ahead: int = 2,
-                   devices: list | None = None, put: Callable | None = None
-                   ) -> Iterator[dict[str, jax.Array]]:
-  """Host batches [B, ...], `shard`ed and placed on `devices` (default: local ones) `ahead`
-  batches before the step that uses them; or placed by `put` (a mesh strategy's sharding).
-
-  `jax.device_put` returns at once and copies in the background, so while the device runs step
-  t the next `ahead` batches travel to it; the step then never waits for a host-to-device copy
-  unless the input pipeline itself is slower. ahead=0 places each batch when it is asked for.
-  """
-  if put is None:
-    devices = devices or jax.local_devices()
-    sharding = device_axis_sharding(devices)
-    put = lambda batch: jax.device_put(shard(batch, len(devices)), sharding)
-  queue = collections.deque()
-  for batch in host_batches:
-    queue.append(put(batch))
-    if len(queue) > ahead:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  return lax.psum(metrics_lib.error_sums(probs, batch['label'], batch['mask']), axis)

@@ -56,7 +56,7 @@ def prepare(config: ml_collections.ConfigDict) -> kernels_lib.Kernels:
 
 class _StopRequest:
   """Turns SIGTERM and Ctrl-C (SIGINT) into a flag that the next step carries to the stop vote
-  (`steps.pmapped_train_step`): in a run of several processes, a signal to any one of them
+  (`steps.grads_and_metrics`): in a run of several processes, a signal to any one of them
   stops all of them after the same step."""
 
   def __init__(self):
@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
 
   finish = on_device.finisher(config, mean) if config.device_preprocessing else None
-  placement = parallel.Placement(config, model, tx, state, kernels, finish=finish)
+  placement = parallel.Placement(config, model, tx, state, finish=finish)
   if placement.mesh is not None:
     logging.info('Parallelism %r: mesh %s', config.parallelism, dict(placement.mesh.shape))
   p_train = placement.train_step
@@ -285,11 +285,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stopped_by_error = True
   try:
     with _StopRequest() as stop, _collective_errors(), _disk_errors():
+      # (From here on SIGTERM and Ctrl-C stop the run after a step, with a checkpoint.)
+      logging.info('Training steps %d to %d', start_step + 1, total_steps)
       while step < total_steps:
         profile.before(step)
-        rstate, step_metrics, new_votes = p_train(rstate, next(batches),
-                                                  np.float32(lr.value(step)),
-                                                  np.int32(stop.signal is not None))
+        rstate, step_metrics, new_votes = p_train(
+            rstate, next(batches), np.float32(lr.value(step)),
+            placement.stop_votes(stop.signal is not None))
         if step == start_step:
           jax.block_until_ready(step_metrics)
           logging.info('First step (compilation included) took %.1f s', time.time() - window_start)
@@ -370,7 +372,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   logging.info('Evaluating the checkpoint of step %d from %s', restored.step, run.workdir)
   mean = run.mean()
   result = evaluation.evaluate(evaluation.pmapped_eval_step(restored.model, config, mean),
-                               steps.replicate(restored.params), config,
+                               parallel.replicate(restored.params), config,
                                ten_crop=config.ten_crop_eval, mean=mean)
   result['step'] = restored.step
   crops = 'ten_crop' if config.ten_crop_eval else 'center_crop'

@@ -243,8 +243,8 @@ def tfds_builder(config):
                     builder.name, builder.data_dir)
     builder.download_and_prepare()
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f'alexnet_jax: {builder.name} prepared')
+    from alexnet_jax.core import distributed  # pylint: disable=g-import-not-at-top
+    distributed.barrier(f'alexnet_jax: {builder.name} prepared', timeout_s=7 * 24 * 3600)
     builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
   return builder
 
