@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from alexnet_jax import cpu
-from alexnet_jax.core import distributed
+from alexnet_jax import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')

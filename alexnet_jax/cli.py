@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from alexnet_jax import errors
 from alexnet_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -86,11 +87,6 @@ def setup_tensorflow() -> None:
     tfds.disable_progress_bar()
 
 
-def one_line(error: BaseException) -> str:
-  """The message of `error` on one line."""
-  return ' '.join(str(error).split())
-
-
 @contextlib.contextmanager
 def _user_errors_exit() -> Iterator[None]:
   """A UserError inside becomes `Error: <one line>` on stderr and exit status 2."""
@@ -98,7 +94,7 @@ def _user_errors_exit() -> Iterator[None]:
     yield
   except UserError as e:
     sys.stdout.flush()
-    print(f'Error: {one_line(e)}', file=sys.stderr, flush=True)
+    print(f'Error: {errors.one_line(e)}', file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -128,7 +124,7 @@ def _unknown_fields_named(argv: Sequence[str]) -> Iterator[None]:
   try:
     yield
   except (AttributeError, KeyError):
-    from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+    from alexnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     for field, value in _overrides(argv):
       if field not in config_lib.SCHEMA:
         raise config_lib.rejected(field, value) from None
@@ -138,7 +134,7 @@ def _unknown_fields_named(argv: Sequence[str]) -> Iterator[None]:
 def _unreadable_value(error: flags.IllegalFlagValueError) -> UserError | None:
   """absl's error for an override its parser could not read (`flag --config.FIELD=VALUE:
   <the parser's complaint>`) as the field's error, or None for any other flag."""
-  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   message, cause = str(error), error.__context__
   match = re.match(rf'flag --{CONFIG_FLAG}\.(\w+)=', message)
   if match is None or cause is None or not message.endswith(f': {cause}'):
@@ -177,7 +173,7 @@ def parse_flags(argv: Sequence[str],
   except flags.IllegalFlagValueError as e:
     raise _unreadable_value(e) or e from None
   if has_config and flag_values[CONFIG_FLAG].value is not None:
-    from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+    from alexnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     config_lib.check_fields(flag_values[CONFIG_FLAG].value)
   return rest
 
@@ -201,10 +197,31 @@ def run(main: Callable[[Sequence[str]], None],
   importing a module claims no global flag names.
   """
   quiet_tensorflow_logs()
+  _checkout_configs_importable()
   if define_flags is not None:
     with _user_errors_exit(), _unknown_fields_named(sys.argv):
       define_flags()
-  app.run(functools.partial(_guarded, main), flags_parser=_parse_flags_or_exit)
+  try:
+    app.run(functools.partial(_guarded, main), flags_parser=_parse_flags_or_exit)
+  except SystemExit as e:
+    # absl ends --help with status 1; a help that was asked for is a success.
+    if e.code == 1 and set(sys.argv[1:]) & set(HELP_FLAGS):
+      raise SystemExit(0) from None
+    raise
+
+
+# absl's flags that print help and exit.
+HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def _checkout_configs_importable() -> None:
+  """Lets config files import each other (`from configs import alexnet`) from any directory:
+  the checkout's root goes at the end of sys.path. configs/ is not installed as a package (a
+  name that generic would clash with a user's own); a `configs` found earlier on the path wins.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(os.path.join(root, 'configs', '__init__.py')) and root not in sys.path:
+    sys.path.append(root)
 
 
 def checkout_config(name: str) -> str | None:
@@ -238,21 +255,4 @@ def prepare_output(path: str, flag: str = 'output', folder: bool = False) -> Non
     target.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f'--{flag}={path}: cannot create the folder {target} '
-                    f'({e.strerror or one_line(e)})') from None
-
-
-def format_duration(seconds: float) -> str:
-  """H:MM:SS, for the ETAs of long commands (training, preparation)."""
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
-def write_json(path: str, data: Any, indent: int = 2) -> None:
-  """Writes a command's JSON result to `path` (whole or not at all), creating its folder; in a
-  run of several processes, process 0 writes it (every process holds the same result)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import paths  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return
-  paths.write_atomic(path, json.dumps(data, indent=indent))
+                    f'({e.strerror or errors.one_line(e)})') from None

@@ -29,3 +29,8 @@ class ImageReadError(UserError, ValueError):
 
 class TrainingDivergedError(UserError, FloatingPointError):
   """The loss or the parameters became NaN or infinite; the last good checkpoint is kept."""
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line, as every command prints it."""
+  return ' '.join(str(error).split())

@@ -8,7 +8,9 @@ TensorBoard events go through tf.io.gfile, which handles the same URLs.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from etils import epath
 
@@ -45,3 +47,13 @@ def cache_dir() -> str:
   `import tensorflow` writes, via KERAS_HOME)."""
   return os.environ.get('ALEXNET_JAX_CACHE',
                         os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax'))
+
+
+def write_json(path: str, data: Any, indent: int = 2) -> None:
+  """Writes a command's JSON result to `path` (whole or not at all), creating its folder; in a
+  run of several processes, process 0 writes it (every process holds the same result)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  write_atomic(path, json.dumps(data, indent=indent))
+

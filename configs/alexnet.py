@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'paper': offset = P (a * lambda) with lambda the eigenvalues on a 0..1 pixel scale (the
   # published 0.2175, 0.0188, 0.0045), times 255. 'cuda_convnet': offset = P (a * sqrt(lambda))
   # with lambda on a 0..255 scale, as Krizhevsky's cuda-convnet2 code did (about twice the shift
-  # along the first component). See ../shared/PAPER.md.
+  # along the first component). See docs/paper.md, §4.1.
   c.pca_lighting_scale = 'paper'
   # PCA eigenvalues/vectors: None takes the published ImageNet values (0..1 pixel scale), or
   # for dataset='prepared' the PCA the preparation computed from the training set.

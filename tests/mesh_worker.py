@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet_jax.core import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=wrong-import-position
 from alexnet_jax.core import parallel  # pylint: disable=wrong-import-position
 from alexnet_jax.core import steps  # pylint: disable=wrong-import-position

@@ -41,6 +41,7 @@ def test_digits_lighting_is_a_brightness_change(tmp_path):
   np.testing.assert_allclose(np.abs(stats['eigvec'][:, 0]), np.full(3, 3 ** -0.5), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_its_table(tmp_path):
   chosen = {n: ablation_configs.get_config(n) for n in ('baseline', 'no_dropout', 'one_column')}
   result = ablations.run_ablations(chosen, [0, 1], 1, workdir=str(tmp_path), overrides=TINY)

@@ -4,12 +4,13 @@ large allocations stop faulting."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from alexnet_jax.cpu import allocator as host
+
+import conftest
 
 
 # Allocates and frees a 64 MiB buffer (above glibc's largest mmap threshold, 32 MiB) and writes
@@ -36,9 +37,8 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(setting: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-  out = subprocess.run([sys.executable, '-c', _PROBE, setting],
-                       capture_output=True, text=True, check=True,
-                       env=dict(os.environ, **(env or {}))).stdout.split()
+  out = conftest.run([sys.executable, '-c', _PROBE, setting], cwd=None, check=True,
+                     env=dict(os.environ, **(env or {}))).stdout.split()
   return out[0], int(out[1])
 
 

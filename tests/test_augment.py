@@ -82,7 +82,7 @@ def test_pca_lighting_adds_one_offset_along_the_eigenvectors(scale, weight):
 
 
 def test_cuda_convnet_lighting_is_about_twice_the_paper_along_the_first_component():
-  # ../shared/PAPER.md: sqrt(0.2175) / 0.2175 = 2.14 times the shift along p1.
+  # docs/paper.md: sqrt(0.2175) / 0.2175 = 2.14 times the shift along p1.
   ratio = np.sqrt(augment.IMAGENET_PCA_EIGVAL[0]) / augment.IMAGENET_PCA_EIGVAL[0]
   key = tf.constant([5, 6], tf.int64)
   args = (augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC, 0.1)

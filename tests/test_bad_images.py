@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -24,9 +23,9 @@ from alexnet_jax.data import pipeline
 from alexnet_jax.data import sources
 from alexnet_jax.data import stats as data_stats
 from alexnet_jax.paper import predict
-from configs import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
+
 SIZE = 24  # the small images' side and config.resize_size: their squares are the images.
 BIG = 12000  # the very large image's side
 FLAT = (200, 100, 50)  # its one colour: written and decoded in seconds
@@ -143,8 +142,7 @@ def folder(tmp_path_factory):
   squares = {p: sources.decode_center_square(tf.io.read_file(p), SIZE).numpy() for p in valid}
   labels = {p: CLASSES.index(os.path.basename(os.path.dirname(p))) for p in valid}
   assert len(valid) + len(bad) == 16  # 4 batches of 4: one epoch has every file at a position
-  config = tiny.get_config()
-  config.update(_overrides(root))
+  config = conftest.tiny_config(**_overrides(root))
   return Folder(root, _overrides(root), config, valid, bad, squares, labels)
 
 
@@ -193,7 +191,7 @@ def test_bad_files_fail_to_decode_with_their_reason(folder):
 
 
 def test_empty_class_folder_stays_a_class_named_once(folder, caplog):
-  sources._list_folder.cache_clear()  # pylint: disable=protected-access
+  sources.list_folder.cache_clear()  # pylint: disable=protected-access
   info = pipeline.get_dataset_info(folder.config)
   for _ in range(2):
     sources.open_split(folder.config, 'train')
@@ -304,6 +302,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_a_file_without_read_permission_is_named_as_such_everywhere(folder):
   locked = str(folder.root / 'train' / LOCKED)
   command = [sys.executable, '-c', _LOCKED_OUT, json.dumps(folder.overrides), locked]
@@ -311,7 +310,7 @@ def test_a_file_without_read_permission_is_named_as_such_everywhere(folder):
     if not shutil.which('setpriv'):
       pytest.skip('running as root, and no setpriv to drop the power to read any file')
     command = ['setpriv', '--bounding-set=-dac_override,-dac_read_search'] + command
-  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = conftest.run(command)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.splitlines()[-1])
   for place in ('train', 'eval', 'stats', 'predict'):

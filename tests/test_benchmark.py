@@ -1,18 +1,19 @@
 """Smoke test of the benchmark command (timings belong to the command, never to a test)."""
 
+import pytest
 import json
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
 
 
+@pytest.mark.slow
 def test_benchmark_command_prints_json_measurements():
   cmd = [sys.executable, '-m', 'alexnet_jax.bench.benchmark', '--config=configs/tiny.py',
          '--what=train,eval,layers', '--steps=1', '--warmup=0', '--json', '--cpu_devices=2',
          '--batch_size=4']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  proc = conftest.run(cmd)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   by_kind = {}
@@ -39,7 +40,7 @@ def test_benchmark_command_prints_json_measurements():
 def test_forward_flops_of_the_paper_network():
   from alexnet_jax.bench import benchmark  # pylint: disable=g-import-not-at-top
   from configs import alexnet  # pylint: disable=g-import-not-at-top
-  # ../shared/PAPER.md: 0.724 G multiply-adds per image (conv 666 M + FC 59 M).
+  # docs/paper.md: 0.724 G multiply-adds per image (conv 666 M + FC 59 M).
   macs = benchmark.forward_flops(alexnet.get_config()) / 2
   assert abs(macs - 0.724e9) / 0.724e9 < 0.01, macs
 
@@ -82,11 +83,12 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_the_train_step_benchmark_runs_without_tensorflow(tmp_path):
   """An accelerator image with JAX but no TensorFlow, tfds or scikit-learn measures the step."""
   cmd = [sys.executable, '-c', _WITHOUT_TENSORFLOW, '--config=configs/tiny.py', '--what=train',
          '--steps=1', '--warmup=0', '--batch_size=8', '--json']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  proc = conftest.run(cmd)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert records[0]['measurement'] == 'train' and records[0]['train_images_per_sec'] > 0

@@ -5,7 +5,6 @@ mistake: one line `Error: ...` naming it, exit status 2, no traceback, nothing c
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,21 +13,19 @@ from ml_collections import config_flags
 
 from alexnet_jax import cli
 from alexnet_jax import errors
-from alexnet_jax.core import config as config_lib
+from alexnet_jax import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+import conftest
 
 
 def _cases(tmp):
   """(name, argv, text the error line must hold) for every command."""
   missing = os.path.join(tmp, 'no_such_run')
+  main = [os.path.join(conftest.ROOT, 'main.py'), f'--config={conftest.TINY}']
   return [
-      ('main: bad config value', [os.path.join(ROOT, 'main.py'), f'--config={TINY}',
-                                  f'--workdir={tmp}/new_run', '--config.batch_size=-3'],
+      ('main: bad config value', [*main, f'--workdir={tmp}/new_run', '--config.batch_size=-3'],
        'config.batch_size=-3: must be an integer >= 1'),
-      ('main: eval of a missing workdir', [os.path.join(ROOT, 'main.py'), f'--config={TINY}',
-                                           f'--workdir={missing}', '--mode=eval'],
+      ('main: eval of a missing workdir', [*main, f'--workdir={missing}', '--mode=eval'],
        f'{missing} is not a directory'),
       ('evaluate', ['-m', 'alexnet_jax.paper.evaluate', f'--workdirs={missing}'],
        f'{missing} is not a directory'),
@@ -56,18 +53,22 @@ def _cases(tmp):
   ]
 
 
+@pytest.mark.slow
 def test_every_command_reports_a_user_error_in_one_line(tmp_path):
   cases = _cases(str(tmp_path))
   before = sorted(os.listdir(tmp_path))
   # Started together: the time is in importing TensorFlow and JAX, ten times.
-  procs = [subprocess.Popen([sys.executable, *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for _, argv, _ in cases]
-  for (name, argv, expected), proc in zip(cases, procs):
-    out, err = proc.communicate(timeout=300)
-    lines = [line for line in err.splitlines() if line.startswith('Error: ')]
-    assert proc.returncode == cli.EXIT_USER_ERROR, (name, out, err[-3000:])
-    assert len(lines) == 1 and expected in lines[0], (name, err[-3000:])
-    assert 'Traceback' not in err, (name, err[-3000:])
+  # (Their logs go to a folder of their own: tmp_path must stay as it is.)
+  with conftest.Processes() as group:
+    for _, argv, _ in cases:
+      group.start([sys.executable, *argv], cwd=tmp_path, stderr=conftest.LOG)
+    for i, (name, argv, expected) in enumerate(cases):
+      returncode = group.wait_one(i, timeout=300)
+      out, err = group.output(i), group.errors(i)
+      lines = [line for line in err.splitlines() if line.startswith('Error: ')]
+      assert returncode == cli.EXIT_USER_ERROR, (name, out, err[-3000:])
+      assert len(lines) == 1 and expected in lines[0], (name, err[-3000:])
+      assert 'Traceback' not in err, (name, err[-3000:])
   assert sorted(os.listdir(tmp_path)) == before  # no half-created workdir or output
 
 
@@ -83,7 +84,7 @@ def test_a_bug_keeps_its_traceback():
   assert e.value.code == 2
   with pytest.raises(KeyError):
     cli._guarded(bug, [])  # pylint: disable=protected-access
-  assert cli.one_line(errors.DataError('a\n  b')) == 'a b'
+  assert errors.one_line(errors.DataError('a\n  b')) == 'a b'
 
 
 _IMPORT_EVERYTHING = r'''
@@ -114,10 +115,10 @@ print(json.dumps({'modules': names, 'calls': calls, 'changed': changed}))
 '''
 
 
+@pytest.mark.slow
 def test_importing_any_module_changes_no_global_setting(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
-  proc = subprocess.run([sys.executable, '-c', _IMPORT_EVERYTHING], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = conftest.run([sys.executable, '-c', _IMPORT_EVERYTHING], cwd=tmp_path, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json  # pylint: disable=g-import-not-at-top
   report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -214,11 +215,11 @@ def test_every_field_refuses_bad_command_line_values_in_one_line():
     for category, texts in values.items():
       for text in texts:
         with pytest.raises(errors.ConfigError) as e:
-          _parse(f'--config={TINY}', f'--config.{name}={text}')
+          _parse(f'--config={conftest.TINY}', f'--config.{name}={text}')
         # The text as typed, as a string, or as the tuple a numbers field reads it into.
         expected = [f'config.{name}={value}: must be {field.allowed()}'
                     for value in (text, repr(text), repr((text,)))]
-        assert cli.one_line(e.value) == str(e.value) in expected, (category, name, text)
+        assert errors.one_line(e.value) == str(e.value) in expected, (category, name, text)
         cases += 1
   assert categories == {'int': {'wrong type', 'out of range', 'empty'},
                         'number': {'wrong type', 'out of range', 'empty'},
@@ -232,7 +233,7 @@ def test_every_field_refuses_bad_command_line_values_in_one_line():
 def test_every_field_takes_good_command_line_values():
   for name, field in config_lib.SCHEMA.items():
     for text, value in _good_values(field):
-      config = _parse(f'--config={TINY}', f'--config.{name}={text}')
+      config = _parse(f'--config={conftest.TINY}', f'--config.{name}={text}')
       assert config[name] == value and type(config[name]) is type(value), (name, text)
 
 
@@ -240,14 +241,14 @@ def test_every_field_takes_good_command_line_values():
 def test_an_unknown_field_or_a_missing_config_file_is_named():
   with pytest.raises(errors.ConfigError, match=r"^config.learning_rat='0.1': no such field; "
                      r'did you mean config.learning_rate\?$'):
-    _parse(f'--config={TINY}', '--config.learning_rat=0.1')
+    _parse(f'--config={conftest.TINY}', '--config.learning_rat=0.1')
   with pytest.raises(errors.ConfigError, match=r"^config.nope='true': no such field"):
-    _parse(f'--config={TINY}', '--config.nope')
+    _parse(f'--config={conftest.TINY}', '--config.nope')
   # A config flag with a default file reads its overrides when it is defined (cli.run).
   argv = ['cmd', '--config.nope=1']
   with pytest.raises(errors.ConfigError, match=r"^config.nope='1': no such field"):
     with cli._unknown_fields_named(argv):  # pylint: disable=protected-access
-      config_flags.DEFINE_config_file('config', TINY, flag_values=flags.FlagValues(),
+      config_flags.DEFINE_config_file('config', conftest.TINY, flag_values=flags.FlagValues(),
                                       sys_argv=argv)
   with pytest.raises(errors.UserError, match=r'^--config=no/such.py: not a file'):
     _parse('--config=no/such.py', '--config.seed=1')
@@ -262,7 +263,7 @@ def test_other_flags_keep_absl_errors():
   with pytest.raises(flags.IllegalFlagValueError):
     cli.parse_flags(['main.py', '--mode=bogus'], flag_values)
   with pytest.raises(flags.Error):  # an override before its config file: ml_collections' own
-    _parse('--config.seed=1', f'--config={TINY}')
+    _parse('--config.seed=1', f'--config={conftest.TINY}')
 
 
 def test_bad_config_values_stop_main_in_one_line_before_any_work(tmp_path):
@@ -271,12 +272,14 @@ def test_bad_config_values_stop_main_in_one_line_before_any_work(tmp_path):
   cases = [('train', 'batch_size', 'abc', 'abc'),
            ('eval', 'seed', str(config_lib.INT_MAX + 1), config_lib.INT_MAX + 1),
            ('train', 'cache', '', '')]
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), f'--config={TINY}',
-                             f'--workdir={tmp_path}/run', f'--mode={mode}',
-                             f'--config.{name}={text}'], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for mode, name, text, _ in cases]
-  for (mode, name, _, value), proc in zip(cases, procs):
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == cli.EXIT_USER_ERROR, (mode, name, out, err[-3000:])
-    assert err.splitlines() == [f'Error: {config_lib.rejected(name, value)}'], err[-3000:]
+  with conftest.Processes() as group:
+    for mode, name, text, _ in cases:
+      group.start([sys.executable, os.path.join(conftest.ROOT, 'main.py'),
+                   f'--config={conftest.TINY}', f'--workdir={tmp_path}/run', f'--mode={mode}',
+                   f'--config.{name}={text}'], cwd=tmp_path, stderr=conftest.LOG)
+    for i, (mode, name, _, value) in enumerate(cases):
+      returncode = group.wait_one(i, timeout=300)
+      out, err = group.output(i), group.errors(i)
+      assert returncode == cli.EXIT_USER_ERROR, (mode, name, out, err[-3000:])
+      assert err.splitlines() == [f'Error: {config_lib.rejected(name, value)}'], err[-3000:]
   assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""alexnet_jax/core/config.py: every field checked in one place, and old config.json files."""
+"""alexnet_jax/config.py: every field checked in one place, and old config.json files."""
 
 import importlib
 import json
@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from alexnet_jax import errors
-from alexnet_jax.core import config as config_lib
+from alexnet_jax import config as config_lib
 from configs import alexnet
 
 CONFIG_MODULES = ('alexnet', 'digits', 'tiny', 'one_column', 'owt', 'ablations')

@@ -1,7 +1,6 @@
 """Training-set statistics against NumPy, the workdir cache, and the command line."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -10,10 +9,9 @@ import pytest
 
 from alexnet_jax.data import sources as data_sources
 from alexnet_jax.data import stats as data_stats
-from configs import alexnet
 from configs import digits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
 
 
 def _colour_folder(root, n=12, size=16):
@@ -28,9 +26,8 @@ def _colour_folder(root, n=12, size=16):
     folder = root / 'train' / f'c{i % 2}'
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(images[-1]).save(folder / f'{i:03d}.png')
-  config = alexnet.get_config()
-  config.update({'dataset': 'folder', 'data_dir': str(root), 'eval_split': 'train',
-                 'resize_size': size})
+  config = conftest.config('alexnet', dataset='folder', data_dir=str(root), eval_split='train',
+                           resize_size=size)
   return config, np.stack(images).astype(np.float64)
 
 
@@ -76,11 +73,12 @@ def test_stats_are_cached_in_the_workdir(tmp_path, monkeypatch):
     data_stats.training_stats(config, workdir)
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_usable_npz(tmp_path):
   output = tmp_path / 'stats.npz'
-  subprocess.run([sys.executable, '-m', 'alexnet_jax.data.stats', '--config=configs/digits.py',
-                  f'--output={output}', '--num_images=200'], cwd=ROOT, check=True,
-                 capture_output=True, env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+  conftest.run([sys.executable, '-m', 'alexnet_jax.data.stats', '--config=configs/digits.py',
+                f'--output={output}', '--num_images=200'], check=True,
+               env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
   stats = data_stats.load_stats(str(output))
   assert stats['mean_image'].shape == (32, 32, 3) and int(stats['num_images']) == 200
   assert stats['eigvec'].shape == (3, 3) and stats['eigval'].shape == (3,)

@@ -3,7 +3,7 @@
 
 import pytest
 
-from alexnet_jax.core import distributed
+from alexnet_jax import distributed
 from alexnet_jax.errors import UserError
 
 

@@ -5,7 +5,6 @@ loop's.
 """
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -38,6 +37,7 @@ def test_ensemble_errors_use_the_one_counting():
     assert np.mean(metrics_lib.topk_errors(probs, labels, k)) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('crop', ['center_crop', 'ten_crop'])
 def test_ensemble_of_one_equals_the_training_loops_evaluation(tiny_workdir, crop):
   report = evaluate.evaluate_workdirs([tiny_workdir], crops=[crop])
@@ -77,11 +77,12 @@ def test_ensemble_averages_the_softmax_outputs(tiny_workdir, second_workdir):
   assert ensemble['top5_error'] == pytest.approx(expected_top5)
 
 
+@pytest.mark.slow
 def test_command_prints_the_table_and_writes_json(tiny_workdir, tmp_path):
   output = tmp_path / 'results.json'
-  proc = subprocess.run(
+  proc = conftest.run(
       [sys.executable, '-m', 'alexnet_jax.paper.evaluate', f'--workdirs={tiny_workdir}',
-       f'--output={output}'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+       f'--output={output}'], cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'average of 1 models' in proc.stdout and 'ten_crop top-1' in proc.stdout
   assert 'batch' in proc.stderr  # progress

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import logging as absl_logging
@@ -13,6 +12,8 @@ from PIL import Image
 from alexnet_jax import errors
 from alexnet_jax.paper import predict
 from alexnet_jax.weights import export
+
+import conftest
 
 SIZES = ((23, 31), (40, 28))  # (height, width): not square, one wider and one taller
 
@@ -51,6 +52,7 @@ def _write_images(directory):
   return paths
 
 
+@pytest.mark.slow
 def test_tensorflow_alone_serves_what_predict_predicts(tiny_workdir, tmp_path):
   paths = _write_images(tmp_path)
   level = absl_logging.get_absl_logger().level
@@ -62,9 +64,8 @@ def test_tensorflow_alone_serves_what_predict_predicts(tiny_workdir, tmp_path):
   ten = export.export_saved_model(tiny_workdir, str(tmp_path / 'ten'), ten_crop=True)
   assert sorted(os.listdir(tmp_path)) == sorted(['centre', 'ten'] + [os.path.basename(p)
                                                                      for p in paths])
-  proc = subprocess.run([sys.executable, '-c', _SERVE, json.dumps([[centre, ten], paths])],
-                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  proc = conftest.run([sys.executable, '-c', _SERVE, json.dumps([[centre, ten], paths])],
+                      cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report['ours'] == []  # (TensorFlow imports JAX itself where it is installed)

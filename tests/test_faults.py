@@ -30,7 +30,6 @@ import pytest
 
 import conftest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOAK = bool(os.environ.get('ALEXNET_JAX_SOAK'))
 KILLS = 50 if SOAK else 5
 PREEMPTIONS = 20 if SOAK else 5
@@ -54,7 +53,7 @@ TIMING_KEYS = ('time', 'train/images_per_sec')  # differ between any two runs
 
 def _command(workdir, **overrides):
   flags = {**RUN, **overrides}
-  return [sys.executable, str(ROOT / 'main.py'), '--config=' + str(ROOT / 'configs/tiny.py'),
+  return [sys.executable, os.path.join(conftest.ROOT, 'main.py'), '--config=' + conftest.TINY,
           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in flags.items()]
 
 
@@ -75,10 +74,8 @@ def reference(tmp_path_factory):
 
 
 def _final(workdir):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import metrics  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.update(RUN)
+  config = conftest.tiny_config(**RUN)
   history = [{k: v for k, v in r.items() if k not in TIMING_KEYS}
              for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
   return conftest.latest_state(str(workdir), config), history
@@ -109,19 +106,19 @@ def _complete_steps(workdir):
 def _interrupt(workdir, sig, phase, target, delay):
   """Runs the command until `phase`'s line for a step >= target, waits `delay` s and sends
   `sig`. Returns (exit status, whether the signal was sent, log text)."""
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  lines, sent = [], False
-  for line in proc.stderr:
-    lines.append(line)
-    found = EVENTS[phase].search(line)
-    if found and int(found.group(1)) >= target:
-      time.sleep(delay)
-      proc.send_signal(sig)
-      sent = True
-      break
-  lines.extend(proc.stderr)  # (drains it: a SIGTERM'd run goes on to save and log)
-  return proc.wait(timeout=300), sent, ''.join(lines)
+  with conftest.Processes() as group:  # (its stderr read as it comes, to time the signal)
+    proc = group.start(_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines, sent = [], False
+    for line in proc.stderr:
+      lines.append(line)
+      found = EVENTS[phase].search(line)
+      if found and int(found.group(1)) >= target:
+        time.sleep(delay)
+        proc.send_signal(sig)
+        sent = True
+        break
+    lines.extend(proc.stderr)  # (drains it: a SIGTERM'd run goes on to save and log)
+    return group.wait_one(0, timeout=300), sent, ''.join(lines)
 
 
 def _interruption_trials(tmp_path, reference, sig, trials, phases, seed):
@@ -139,7 +136,7 @@ def _interruption_trials(tmp_path, reference, sig, trials, phases, seed):
     # In the soak, a run with few points left to hit is finished, compared and begun anew (the
     # default suite's few kills do without the extra run).
     if SOAK and start >= RUN['num_train_steps'] - 4:
-      subprocess.run(_command(workdir), check=True, capture_output=True, cwd=ROOT, timeout=300)
+      conftest.run(_command(workdir), check=True)
       _assert_same_run(workdir, reference)
       workdir = None
       continue
@@ -188,10 +185,10 @@ def _run_writing_only_its_workdir(workdir, outside):
              ALEXNET_JAX_CACHE=onednn.cache_dir())  # (the documented caches: JAX's, ours)
   env.pop('KERAS_HOME', None)  # (the command sets it, into ours)
   shared_tmp = pathlib.Path('/tmp')
-  before = _tree(ROOT), {p.name for p in shared_tmp.iterdir()}
-  subprocess.run(_command(workdir), check=True, capture_output=True, cwd=places['cwd'], env=env,
-                 timeout=300)
-  after = _tree(ROOT), {p.name for p in shared_tmp.iterdir()}
+  checkout = pathlib.Path(conftest.ROOT)
+  before = _tree(checkout), {p.name for p in shared_tmp.iterdir()}
+  conftest.run(_command(workdir), check=True, cwd=places['cwd'], env=env)
+  after = _tree(checkout), {p.name for p in shared_tmp.iterdir()}
   changed = {k for k in after[0] if before[0].get(k) != after[0][k]}
   assert not changed, f'the run wrote into the checkout: {sorted(changed)}'
   assert after[1] <= before[1], f'the run wrote into /tmp: {sorted(after[1] - before[1])}'
@@ -201,6 +198,7 @@ def _run_writing_only_its_workdir(workdir, outside):
           outcome='HOME, TMPDIR, cwd, the checkout and /tmp unchanged')
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_rerun_equals_the_uninterrupted_run(tmp_path, reference):
   records, chains = _interruption_trials(tmp_path, reference, signal.SIGKILL, KILLS,
                                          ('step', 'save', 'eval'), seed=15)
@@ -227,13 +225,14 @@ class _SignalAt:
       os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_storm_then_restart_equals_the_uninterrupted_run(tmp_path, reference, caplog):
   """Preemptions in this process: the training's own SIGTERM handler stops it after the next
   step with a checkpoint; the same call again resumes. (kill -9 above runs real processes.)"""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
   rng, workdir, stops, chains = random.Random(16), tmp_path / 'chain1', [], 1
-  config = _tiny(**RUN)
+  config = conftest.tiny_config(**RUN)
   # "step N" lines come every log_every_steps=2 steps; the run stops two steps after the signal
   # (the stop vote is read one step late, so that the device never waits), so up to step 8.
   last_target = RUN['num_train_steps'] - 4
@@ -275,11 +274,12 @@ def _damage(checkpoint, how):
     (checkpoint / 'meta' / 'metadata').unlink()
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, reference,
                                                                    caplog, capfd):
   from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
-  config = _tiny(**RUN)
+  config = conftest.tiny_config(**RUN)
   conftest.train_tiny(tmp_path, **dict(RUN, num_train_steps=4))  # checkpoints of steps 3, 4
   done = _complete_steps(tmp_path)
   assert done[-2:] == [3, 4]
@@ -313,6 +313,7 @@ def _mount_tmpfs(path, megabytes):
                         capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_naming_it_and_the_same_command_resumes(tmp_path, reference):
   from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
@@ -322,7 +323,7 @@ def test_a_full_disk_stops_the_run_naming_it_and_the_same_command_resumes(tmp_pa
     pytest.skip('mounting a tmpfs needs root (CAP_SYS_ADMIN) here')
   try:
     workdir = disk / 'run'
-    config = _tiny(**RUN)
+    config = conftest.tiny_config(**RUN)
     with pytest.raises(errors.RunError) as failure:
       train.train_and_evaluate(config, str(workdir))
     message = str(failure.value)
@@ -344,13 +345,6 @@ def test_a_full_disk_stops_the_run_naming_it_and_the_same_command_resumes(tmp_pa
 # ---------------------------------------------------------------- in-process: configs, NaN
 
 
-def _tiny(**overrides):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.update(overrides)
-  return config
-
-
 def _snapshot(workdir):
   """Every file of the run with its bytes (what 'nothing overwritten' compares)."""
   return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob('*'))
@@ -365,18 +359,19 @@ def test_a_resume_that_cannot_be_stops_naming_the_fields_and_changes_nothing(
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
   conftest.train_tiny(tmp_path, num_train_steps=2)
   before = _snapshot(tmp_path)
-  changed = _tiny(num_train_steps=4, **{field: value})
+  changed = conftest.tiny_config(num_train_steps=4, **{field: value})
   with pytest.raises(errors.RunError, match=rf'Cannot resume .* in .*{field}: '):
     train.train_and_evaluate(changed, str(tmp_path))
   assert _snapshot(tmp_path) == before
   _report(f'resume with another {field}', trials=1, outcome='refused, naming it; nothing written')
 
 
+@pytest.mark.slow
 def test_safe_and_training_changes_on_resume_are_accepted_logged_and_recorded(tmp_path, caplog):
   from alexnet_jax.core import train  # pylint: disable=g-import-not-at-top
   conftest.train_tiny(tmp_path, num_train_steps=2)
-  changed = _tiny(num_train_steps=3, eval_every_steps=3, log_every_steps=3,
-                  learning_rate=0.005)
+  changed = conftest.tiny_config(num_train_steps=3, eval_every_steps=3, log_every_steps=3,
+                                 learning_rate=0.005)
   with caplog.at_level('INFO'):
     train.train_and_evaluate(changed, str(tmp_path))
   infos = [r.getMessage() for r in caplog.records if r.levelname == 'INFO']
@@ -429,8 +424,8 @@ def test_nan_in_the_loss_or_the_parameters_stops_keeping_the_last_good_checkpoin
       self.train_step = _Poisoned(self.train_step, 3, where)
 
   monkeypatch.setattr(train.parallel, 'Placement', Placement)
-  config = _tiny(num_train_steps=6, checkpoint_every_steps=1, eval_every_steps=1,
-                 log_every_steps=1000)
+  config = conftest.tiny_config(num_train_steps=6, checkpoint_every_steps=1, eval_every_steps=1,
+                                log_every_steps=1000)
   with pytest.raises(errors.TrainingDivergedError, match=r'step 3'):
     train.train_and_evaluate(config, str(tmp_path))
   assert _complete_steps(tmp_path)[-1] == 2

@@ -1,5 +1,6 @@
 """alexnet_jax/figures.py: Figure 3's kernel grid and Figure 4's predictions and neighbours."""
 
+import pytest
 import jax
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ def _independent_tile(kernel):
   return (kernel - kernel.min()) / (kernel.max() - kernel.min())
 
 
+@pytest.mark.slow
 def test_paper_model_grid_has_96_tiles_in_two_column_blocks():
   # A 67-pixel input keeps the FC layers small; conv1's kernel does not depend on it.
   model = models.create_model(alexnet.get_config())
@@ -79,6 +81,7 @@ def _assert_truly_nearest(ids, dists, d, rtol=1e-5, atol=0.0):
   np.testing.assert_allclose(np.take_along_axis(d, ids, axis=1), dists, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_neighbours_are_the_nearest_training_images(tiny_workdir, tmp_path):
   out = tmp_path / 'nn.png'
   found = figures.plot_neighbours(tiny_workdir, str(out), num_queries=3, max_train_images=100)

@@ -7,19 +7,20 @@ This test writes the two tar files in the layout the builder reads (imagenet_min
 lets main.py prepare the dataset, train two steps and evaluate, then runs --mode=eval.
 """
 
+import pytest
 import io
 import json
 import os
 import subprocess
 import sys
 
+import conftest
 import imagenet_miniature  # tests/ is on sys.path (pytest's default 'prepend' import mode)
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
@@ -34,15 +35,11 @@ def _env():
 
 
 def _main(*flags) -> str:
-  """Runs main.py with the paper config; returns its output, which a failure shows."""
-  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/alexnet.py', *flags]
-  try:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S, check=False)
-  except subprocess.TimeoutExpired as e:
-    out = e.output.decode(errors='replace') if isinstance(e.output, bytes) else e.output or ''
-    print(out)
-    raise AssertionError(f'{" ".join(cmd)} ran past {TIMEOUT_S} s:\n{out[-20_000:]}') from e
+  """Runs main.py with the paper config; returns its output (stdout and stderr), which a
+  failure shows (past TIMEOUT_S: conftest.run's AssertionError, the whole output printed)."""
+  cmd = [sys.executable, os.path.join(conftest.ROOT, 'main.py'), '--config=configs/alexnet.py',
+         *flags]
+  proc = conftest.run(cmd, env=_env(), timeout=TIMEOUT_S, stderr=subprocess.STDOUT)
   returncode = proc.returncode
   if returncode != 0:
     print(proc.stdout)
@@ -50,6 +47,7 @@ def _main(*flags) -> str:
   return proc.stdout
 
 
+@pytest.mark.slow
 def test_paper_config_prepares_trains_and_evaluates_a_miniature_imagenet(tmp_path):
   data, run = tmp_path / 'data', tmp_path / 'run'
   written = imagenet_miniature.write_manual_download(data)
@@ -123,7 +121,6 @@ def test_paper_config_prepares_trains_and_evaluates_a_miniature_imagenet(tmp_pat
   # once, the ILSVRC class names, the statistics of the training images; a run reads it back.
   from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from configs import alexnet  # pylint: disable=g-import-not-at-top
   prepared = tmp_path / 'prepared'
   index = prepare.prepare(prepare.Settings(
       source='imagenet2012', data_dir=str(data), splits=('train', 'validation'),
@@ -134,8 +131,8 @@ def test_paper_config_prepares_trains_and_evaluates_a_miniature_imagenet(tmp_pat
   assert index['splits']['train']['num_unreadable'] == 0
   assert index['class_names'] == list(label_feature.names)
   assert index['stats']['num_images'] == num_train
-  config = alexnet.get_config()
-  config.update(dataset='prepared', data_dir=str(prepared), batch_size=4, eval_batch_size=4)
+  config = conftest.config('alexnet', dataset='prepared', data_dir=str(prepared), batch_size=4,
+                           eval_batch_size=4)
   batch = next(pipeline.train_iterator(config, mean=None, on_device=True))
   assert batch['image'].shape == (4, 224, 224, 3) and batch['image'].dtype == np.uint8
   names = {label_feature.int2str(int(i)) for i in batch['label']}

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from safetensors import numpy as safetensors_numpy
 
-from alexnet_jax import cli
+from alexnet_jax import errors
 from alexnet_jax.core import checkpoints
-from alexnet_jax.core import config as config_lib
+from alexnet_jax import config as config_lib
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.errors import UserError
@@ -99,6 +99,7 @@ def imported(tmp_path_factory):
   return state, workdir, import_weights.import_torchvision(file, workdir)
 
 
+@pytest.mark.slow
 def test_logits_equal_an_independent_nchw_forward(imported):
   state, workdir, _ = imported
   run = run_lib.open_run(workdir)
@@ -157,7 +158,7 @@ def test_a_wrapped_state_dict_is_unwrapped():
 
 def _one_line_error(error_info, *expected):
   text = str(error_info.value)
-  assert cli.one_line(error_info.value) == text, text  # one line, as every command prints it
+  assert errors.one_line(error_info.value) == text, text  # one line, as every command prints it
   for part in expected:
     assert part in text, text
 
@@ -197,6 +198,7 @@ def test_a_pth_without_pytorch_says_what_to_do(tmp_path, monkeypatch):
                   'safetensors.torch.save_file')
 
 
+@pytest.mark.slow
 def test_a_workdir_with_checkpoints_is_refused(imported):
   _, workdir, _ = imported
   with pytest.raises(UserError) as e:

@@ -19,13 +19,12 @@ from alexnet_jax.data import stats as data_stats
 from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.bench import pipeline as pipeline_benchmark
 from configs import alexnet
-from configs import digits
+
+import conftest
 
 
 def _digits_config(**overrides):
-  config = digits.get_config()
-  config.update(overrides)
-  return config
+  return conftest.config('digits', **overrides)
 
 
 def _plain_digits_config(**overrides):

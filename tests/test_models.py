@@ -9,13 +9,12 @@ import pytest
 
 from alexnet_jax.core import models
 from alexnet_jax.core.kernels import Kernels
-from configs import alexnet as alexnet_config
+
+import conftest
 
 
 def _config(**overrides):
-  c = alexnet_config.get_config()
-  c.update(overrides)
-  return c
+  return conftest.config('alexnet', **overrides)
 
 
 def _abstract_params(model, size):
@@ -61,6 +60,7 @@ def test_paper_kernel_shapes_show_the_two_columns():
   assert params['fc8']['kernel'].shape == (4096, 1000)
 
 
+@pytest.mark.slow
 def test_small_variant_runs_on_32x32_and_28x28():
   model = models.create_model(_config(model='small', num_classes=10))
   assert models.intermediate_shapes(model, 32)['pool5'] == (1, 3, 3, 64)

@@ -6,11 +6,10 @@ Each case starts `main.py` processes with bounded timeouts and kills whatever is
 the way out. The ports are free ones the OS hands out.
 """
 
+import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -24,14 +23,7 @@ from alexnet_jax.core import run as run_lib
 
 import conftest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per group of processes; a healthy start + 4 tiny steps takes ~50 s here.
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -40,54 +32,28 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _main(workdir, *flags) -> list[str]:
-  return [sys.executable, os.path.join(ROOT, 'main.py'),
-          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}', *flags]
+  return [sys.executable, os.path.join(conftest.ROOT, 'main.py'), f'--config={conftest.TINY}',
+          f'--workdir={workdir}', *flags]
 
 
-class _Processes:
-  """`n` processes of one run (n=1: a plain single-process run), killed on exit."""
-
-  def __init__(self, tmp_path, workdir, n, *flags, devices=None):
-    self.procs, self.logs = [], []
-    port = _free_port()
+@contextlib.contextmanager
+def _processes(tmp_path, workdir, n, *flags, devices=None):
+  """`n` processes of one run (n=1: a plain single-process run), killed on exit; their logs
+  (stdout and stderr) in `tmp_path`."""
+  with conftest.Processes(log_dir=tmp_path) as group:
+    port = conftest.free_port()
     for i in range(n):
       cluster = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={n}',
                   f'--process_id={i}'] if n > 1 else [])
-      log = tmp_path / f'{os.path.basename(str(workdir))}_{i}_{time.time_ns()}.log'
-      self.logs.append(log)
-      with open(log, 'w', encoding='utf-8') as f:
-        self.procs.append(subprocess.Popen(
-            _main(workdir, *cluster, *flags), stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
-            env=_env(devices or 4 // n), start_new_session=True))
-
-  def log(self, i: int) -> str:
-    return self.logs[i].read_text(encoding='utf-8')
-
-  def wait(self, timeout=TIMEOUT_S) -> list[int]:
-    deadline = time.time() + timeout
-    return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
-
-  def wait_for(self, i: int, text: str, timeout=TIMEOUT_S) -> None:
-    deadline = time.time() + timeout
-    while text not in self.log(i):
-      assert time.time() < deadline, f'no {text!r} in process {i}\'s log:\n{self.log(i)[-3000:]}'
-      assert self.procs[i].poll() is None, f'process {i} ended:\n{self.log(i)[-3000:]}'
-      time.sleep(0.5)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    for p in self.procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+      group.start(_main(workdir, *cluster, *flags), cwd=tmp_path, env=_env(devices or 4 // n),
+                  name=os.path.basename(str(workdir)))
+    yield group
 
 
-def _check_ok(group: _Processes) -> None:
-  codes = group.wait()
+def _check_ok(group: conftest.Processes) -> None:
+  codes = group.wait(timeout=TIMEOUT_S)
   for i, code in enumerate(codes):
-    assert code == 0, f'process {i} exited with {code}:\n{group.log(i)[-4000:]}'
+    assert code == 0, f'process {i} exited with {code}:\n{group.output(i)[-4000:]}'
 
 
 def _params(workdir):
@@ -103,6 +69,7 @@ def _stopped_at(log: str) -> int:
   return int(line.split('Stopped at step ')[1].split()[0])
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_ends_as_one_run(
     tmp_path):
   two = tmp_path / 'two'
@@ -110,16 +77,16 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_end
   # connected layers split over each host's 4 devices), until SIGTERM reaches one of them (a
   # preempted host): both stop after the same step and save one checkpoint there.
   hybrid = ['--config.eval_every_steps=1000000', '--config.parallelism=hybrid']
-  with _Processes(tmp_path, two, 2, *hybrid, '--config.num_train_steps=1000000',
+  with _processes(tmp_path, two, 2, *hybrid, '--config.num_train_steps=1000000',
                   devices=4) as group:
     # Sent as the loop starts (its handler in place): the first step's vote carries it, and
     # every process reads that vote after the second step.
-    group.wait_for(1, 'Training steps')
-    assert 'Process 1 of 2: 4 local devices of 8 in all' in group.log(1)
-    assert "mesh {'data': 2, 'model': 4}" in group.log(0)
+    group.wait_for(1, 'Training steps', timeout=TIMEOUT_S)
+    assert 'Process 1 of 2: 4 local devices of 8 in all' in group.output(1)
+    assert "mesh {'data': 2, 'model': 4}" in group.output(0)
     group.procs[1].send_signal(signal.SIGTERM)
     _check_ok(group)
-    steps = [_stopped_at(group.log(i)) for i in range(2)]
+    steps = [_stopped_at(group.output(i)) for i in range(2)]
   assert steps[0] == steps[1] >= 2, steps
   manager = checkpoints.create_manager(str(two), 2, read_only=True)
   try:
@@ -132,10 +99,10 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_end
   # 1 process x 8 devices ends (trained here, in the test's own 8-device process), up to the
   # float32 round-off of the two layouts after 4 steps (as the data strategy's test below).
   total = steps[0] + 2
-  with _Processes(tmp_path, two, 2, *hybrid, f'--config.num_train_steps={total}',
+  with _processes(tmp_path, two, 2, *hybrid, f'--config.num_train_steps={total}',
                   devices=4) as group:
     _check_ok(group)
-    assert f'Resuming from the checkpoint of step {steps[0]}' in group.log(0)
+    assert f'Resuming from the checkpoint of step {steps[0]}' in group.output(0)
   one = conftest.train_tiny(tmp_path / 'one', parallelism='hybrid', model_parallel=4,
                             num_train_steps=total)
   for x, y in zip(jax.tree_util.tree_leaves(_params(one)),
@@ -143,29 +110,24 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_end
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_columns_and_hybrid_over_two_processes_train_as_over_one(tmp_path):
   """2 processes x 4 devices train the two-column net 3 steps with 'columns' and with 'hybrid'
   (tests/mesh_worker.py) and end with the parameters of 1 process x 8 devices: the same global
   batches, dropout keys (the device's place in the mesh) and gradient sums, up to float32
   summation order."""
-  port, procs = _free_port(), []
-  try:
+  port = conftest.free_port()
+  with conftest.Processes() as group:
     for i in range(2):
-      procs.append(subprocess.Popen(
-          [sys.executable, os.path.join(ROOT, 'tests', 'mesh_worker.py'), str(tmp_path / 'two'),
-           f'127.0.0.1:{port}', '2', str(i)], env=_env(4), stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+      group.start([sys.executable, os.path.join(conftest.ROOT, 'tests', 'mesh_worker.py'),
+                   str(tmp_path / 'two'), f'127.0.0.1:{port}', '2', str(i)], cwd=None,
+                  env=_env(4))
+    sys.path.insert(0, os.path.join(conftest.ROOT, 'tests'))
     import mesh_worker  # pylint: disable=g-import-not-at-top,import-outside-toplevel
     one = {strategy: mesh_worker.train(strategy) for strategy in mesh_worker.MODEL_PARALLEL}
-    for i, p in enumerate(procs):
-      out, _ = p.communicate(timeout=TIMEOUT_S)
-      assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    for i in range(2):
+      code = group.wait_one(i, timeout=TIMEOUT_S)
+      assert code == 0, f'process {i}:\n{group.output(i)[-4000:]}'
   for strategy, params in one.items():
     with np.load(tmp_path / f'two_{strategy}.npz') as two:
       assert sorted(two.files) == sorted(params)
@@ -174,21 +136,23 @@ def test_columns_and_hybrid_over_two_processes_train_as_over_one(tmp_path):
                                    err_msg=f'{strategy} {name}')
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   two, one = tmp_path / 'two', tmp_path / 'one'
   # A fixed number of steps: float32 round-off between the two layouts grows with the steps
   # (a max-pool tie on the digits' flat background can break the other way after ~5).
   num_steps = 4
-  with _Processes(tmp_path, two, 2, f'--config.num_train_steps={num_steps}') as group:
+  with _processes(tmp_path, two, 2, f'--config.num_train_steps={num_steps}') as group:
     _check_ok(group)
-    assert 'Process 1 of 2: 2 local devices of 4 in all' in group.log(1)
+    assert 'Process 1 of 2: 2 local devices of 4 in all' in group.output(1)
 
   # 1 process x 4 devices for as many steps: the same global batches, dropout masks (folded
   # with the global device index), pmean and learning rate, hence the same parameters up to
   # float32 summation order.
-  with _Processes(tmp_path, one, 1, f'--config.num_train_steps={num_steps}') as group:
+  with _processes(tmp_path, one, 1, f'--config.num_train_steps={num_steps}') as group:
     _check_ok(group)
-    assert f'step {num_steps}/{num_steps}' in group.log(0) and 'eval top-1 error' in group.log(0)
+    log = group.output(0)
+    assert f'step {num_steps}/{num_steps}' in log and 'eval top-1 error' in log
   for x, y in zip(jax.tree_util.tree_leaves(_params(one)), jax.tree_util.tree_leaves(
       _params(two))):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -215,7 +179,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   # --mode=eval in 2 processes reads back the checkpoint the 1-process run evaluated at its last
   # step: the same counts and errors (every example counted once over the processes), the loss
   # up to summation order.
-  with _Processes(tmp_path, one, 2, '--mode=eval', '--checkpoint=latest') as group:
+  with _processes(tmp_path, one, 2, '--mode=eval', '--checkpoint=latest') as group:
     _check_ok(group)
   with open(one / 'eval_test_center_crop.json', encoding='utf-8') as f:
     again = json.load(f)
@@ -225,6 +189,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   assert again['eval/loss'] == pytest.approx(last['eval/loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
   """Process 1 dies (kill -9) while process 0, which hosts the coordinator, waits for it in the
   step's all-reduce: the missing heartbeats end process 0 with JAX's message instead of a hang.
@@ -234,12 +199,12 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
   flags = ['--config.dataset=synthetic', '--config.num_train_steps=1000000',
            '--config.eval_every_steps=1000000', f'--heartbeat_timeout_s={heartbeat_s}',
            '--config.parallelism=columns']  # (a mesh over both processes)
-  with _Processes(tmp_path, tmp_path / 'run', 2, *flags, devices=4) as group:
-    group.wait_for(0, 'First step')
-    os.killpg(group.procs[1].pid, signal.SIGKILL)
+  with _processes(tmp_path, tmp_path / 'run', 2, *flags, devices=4) as group:
+    group.wait_for(0, 'First step', timeout=TIMEOUT_S)
+    group.kill(1)
     t0 = time.time()
-    code = group.procs[0].wait(timeout=heartbeat_s + 60)
+    code = group.wait_one(0, timeout=heartbeat_s + 60)
     waited = time.time() - t0
   assert code != 0
   assert waited < heartbeat_s + 30, waited
-  assert 'another task died' in group.log(0), group.log(0)[-4000:]
+  assert 'another task died' in group.output(0), group.output(0)[-4000:]

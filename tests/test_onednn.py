@@ -97,6 +97,7 @@ def test_bad_operands_are_refused():
                   ((1, 1), (1, 1)))
 
 
+@pytest.mark.slow
 def test_model_gradients_same_with_either_backend():
   config = tiny.get_config()
   config.model = 'paper'
@@ -163,6 +164,7 @@ def test_build_without_compiler_names_the_problem(monkeypatch, tmp_path):
     onednn._build()  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_library_is_rebuilt_once(monkeypatch, tmp_path):
   monkeypatch.setenv('ALEXNET_JAX_CACHE', str(tmp_path))
   path = onednn._build()  # pylint: disable=protected-access

@@ -7,13 +7,12 @@ import optax
 import pytest
 
 from alexnet_jax.core import optim
-from configs import alexnet as alexnet_config
+
+import conftest
 
 
 def _config(**overrides):
-  c = alexnet_config.get_config()
-  c.update(overrides)
-  return c
+  return conftest.config('alexnet', **overrides)
 
 
 def _toy_problem():

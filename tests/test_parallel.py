@@ -9,20 +9,16 @@ import conftest
 
 from alexnet_jax import errors
 from alexnet_jax.bench import collectives
-from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import parallel
 from alexnet_jax.core import steps
 from alexnet_jax.core import train
-from configs import tiny
 
 STEPS = 3
 
 
 def _config(**overrides):
-  c = tiny.get_config()
-  c.dropout_rate = 0.0  # The strategies draw different masks; without dropout they must agree.
-  c.update(overrides)
-  return c
+  # The strategies draw different masks; without dropout they must agree.
+  return conftest.tiny_config(**{'dropout_rate': 0.0, **overrides})
 
 
 def _batches(config, num=STEPS):
@@ -120,9 +116,10 @@ def test_hybrid_gathers_images_before_fc6_and_sums_conv_gradients():
 def test_strategies_that_cannot_run_are_config_errors(overrides, num_devices, message):
   config = _config(batch_size=48, eval_batch_size=48, **overrides)
   with pytest.raises(errors.ConfigError, match=message):
-    config_lib.validate(config, num_devices=num_devices)
+    parallel.check(config, num_devices)
 
 
+@pytest.mark.slow
 def test_columns_run_resumes_and_ends_where_a_data_parallel_run_does(tmp_path):
   data = _config(num_train_steps=3, eval_every_steps=3, num_eval_steps=1)
   train.train_and_evaluate(data, str(tmp_path / 'data'))

@@ -15,7 +15,6 @@ import pytest
 from etils import epath
 from etils.epath import gpath
 
-from alexnet_jax import cli
 from alexnet_jax import paths
 from alexnet_jax.core import checkpoints
 from alexnet_jax.core import metrics
@@ -71,7 +70,7 @@ def test_the_files_of_a_run_in_a_bucket(bucket):
     writer.close()
   stats = {'rgb_mean': np.arange(3, dtype=np.float32), 'num_images': np.int64(7)}
   data_stats.save_stats(f'{workdir}/{data_stats.STATS_FILENAME}', stats)
-  cli.write_json(f'{workdir}/result.json', {'ok': 1})
+  paths.write_json(f'{workdir}/result.json', {'ok': 1})
 
   local = bucket / 'runs' / 'tiny'
   assert sorted(p.name for p in local.iterdir()) == [

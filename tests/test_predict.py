@@ -1,17 +1,19 @@
 """alexnet_jax/paper/predict.py: image files get the evaluation's preprocessing and softmax."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax import config as config_lib
 from alexnet_jax.core import evaluation
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.data import sources as data_sources
 from alexnet_jax.paper import predict
+
+import conftest
 
 EXAMPLES = (0, 7, 359)  # indices into the digits test split
 
@@ -47,7 +49,7 @@ def test_files_match_the_evaluation_softmax(tiny_workdir, tmp_path, ten_crop):
 
 
 def test_output_lists_five_classes_per_image(tiny_workdir, tmp_path):
-  paths = _write_test_digits(run_lib.read_config(tiny_workdir), tmp_path)
+  paths = _write_test_digits(config_lib.read_saved(tiny_workdir)[0], tmp_path)
   text = predict.format_predictions(predict.predict_files(tiny_workdir, paths[:1]))
   lines = text.splitlines()
   assert lines[0] == paths[0] and len(lines) == 6
@@ -68,9 +70,9 @@ def test_command_reports_a_workdir_without_checkpoint(tiny_workdir, tmp_path):
   empty.mkdir()
   for name in ('config.json', 'classes.json'):
     (empty / name).write_text(open(os.path.join(tiny_workdir, name)).read())
-  image = _write_test_digits(run_lib.read_config(tiny_workdir), tmp_path)[0]
-  proc = subprocess.run([sys.executable, '-m', 'alexnet_jax.paper.predict', f'--workdir={empty}',
-                         image], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  image = _write_test_digits(config_lib.read_saved(tiny_workdir)[0], tmp_path)[0]
+  proc = conftest.run([sys.executable, '-m', 'alexnet_jax.paper.predict', f'--workdir={empty}',
+                       image], cwd=tmp_path)
   assert proc.returncode == 2
   assert f'No checkpoints in {empty}' in proc.stderr and 'train first' in proc.stderr
   assert 'Traceback' not in proc.stderr

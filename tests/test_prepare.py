@@ -5,7 +5,6 @@ import collections
 import io
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -19,9 +18,9 @@ from alexnet_jax.data import pipeline as input_pipeline
 from alexnet_jax.data import prepare
 from alexnet_jax.data import sources
 from alexnet_jax.data import stats as data_stats
-from configs import alexnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
+
 SIZE = 24  # resize_size of these tests (the paper's 256, scaled down)
 CROP = 20
 
@@ -101,11 +100,11 @@ def prepared(tmp_path_factory):
 
 
 def _config(data_dir, **overrides):
-  c = alexnet.get_config()
-  c.update(dataset='prepared', data_dir=str(data_dir), num_classes=3, resize_size=SIZE,
-           image_size=CROP, batch_size=4, eval_batch_size=4, shuffle_buffer=10)
-  c.update(overrides)
-  return c
+  """configs/alexnet.py reading the preparation in `data_dir`, at this file's sizes."""
+  return conftest.config('alexnet', **{
+      'dataset': 'prepared', 'data_dir': str(data_dir), 'num_classes': 3, 'resize_size': SIZE,
+      'image_size': CROP, 'batch_size': 4, 'eval_batch_size': 4, 'shuffle_buffer': 10,
+      **overrides})
 
 
 def test_preparation_holds_every_readable_image_and_exact_statistics(prepared):
@@ -184,13 +183,14 @@ def test_an_interrupted_preparation_resumes_without_redoing_shards(prepared, tmp
     prepare.prepare(_settings(root, quality=50), str(tmp_path), workers=1)
 
 
+@pytest.mark.slow
 def test_the_command_uses_worker_processes_and_reports_progress(prepared, tmp_path):
   root = prepared[0]
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ, PYTHONPATH=conftest.ROOT)
   cmd = [sys.executable, '-m', 'alexnet_jax.data.prepare', '--source=folder',
          f'--data_dir={root}', f'--output={tmp_path / "out"}', f'--resize_size={SIZE}',
          '--quality=100', '--shard_size=7', '--workers=2']
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = conftest.run(cmd, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ETA' in proc.stderr and '7/7 shards' in proc.stderr
   assert 'train: 30 images (1 unreadable)' in proc.stdout
@@ -198,8 +198,7 @@ def test_the_command_uses_worker_processes_and_reports_progress(prepared, tmp_pa
     assert ((tmp_path / 'out' / shard['file']).read_bytes()
             == (prepared[1] / shard['file']).read_bytes())
   for bad in ('--quality=0', '--source=nonexistent_ds'):  # each a one-line error, exit 2
-    proc = subprocess.run(cmd + [bad], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = conftest.run(cmd + [bad], env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith('Error:'), (
         bad, proc.stderr[-2000:])
 
@@ -284,7 +283,6 @@ def test_device_finishing_equals_the_host_pipeline(prepared, dataset):
 
 
 def test_a_run_trains_and_evaluates_on_prepared_data(prepared, tmp_path):
-  import conftest  # pylint: disable=g-import-not-at-top
   out = prepared[1]
   workdir = conftest.train_tiny(tmp_path, dataset='prepared', data_dir=str(out), num_classes=3,
                                 resize_size=SIZE, image_size=CROP, batch_size=8,

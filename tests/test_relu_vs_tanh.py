@@ -1,5 +1,6 @@
 """alexnet_jax/relu_vs_tanh.py: Figure 1's comparison on a tiny budget."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ def test_the_two_nets_differ_only_in_the_activation():
   assert relu.apply({'params': params}, x).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_the_figure_and_reports_epochs(tmp_path):
   config = tiny.get_config()  # (16x16 digits: the sweep's logic, at a quarter of the pixels)
   config.num_train_steps, config.num_eval_steps, config.batch_size = -1, -1, 64

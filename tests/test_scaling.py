@@ -3,17 +3,13 @@ the collective counting it rests on, against hand-computed bytes."""
 
 import csv
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from alexnet_jax.bench import collectives
 
-import test_multiprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
 
 _HLO = """
   %ag = f32[8,3,3,64]{2,1,0,3} all-gather(f32[8,3,3,32]{2,1,0,3} %x), channel_id=1, replica_groups={{0,1},{2,3}}, dimensions={3}, metadata={op_name="jit(step)/shard_map/jvp(AlexNet)/conv3/all_gather"}
@@ -45,13 +41,14 @@ def test_collectives_are_counted_with_ring_bytes():
   assert collectives.project(0.1, found, 1.0, latency_us=10.0, overlap=True) == 0.1
 
 
+@pytest.mark.slow
 def test_scaling_command_measures_counts_projects_and_plots(tmp_path):
   out = tmp_path / 'scaling'
   cmd = [sys.executable, '-m', 'alexnet_jax.bench.scaling', '--config=configs/tiny.py',
          '--strategies=columns', '--devices=1,2', '--project_devices=4',
          '--per_device_batch=4', '--steps=1', '--warmup=0', '--cpu_devices=4',
          '--intra_host_gb_s=2', '--latency_us=5', f'--output={out}']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+  proc = conftest.run(cmd, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(x) for x in (out / 'scaling.jsonl').read_text().splitlines()]
   skipped = [r for r in lines if 'skipped' in r]
@@ -122,29 +119,23 @@ def test_bytes_between_hosts_follow_the_hierarchical_algorithms():
   assert t == pytest.approx(0.1 + within / 10e9 + across / 1e9 + 2 * 5e-6)
 
 
+@pytest.mark.slow
 def test_scaling_command_across_two_processes(tmp_path):
   """2 processes x 2 CPU devices: the sweep runs one host's points on process 0 and the 4-device
   point on both hosts; process 0 alone writes the files."""
-  port = test_multiprocess._free_port()  # pylint: disable=protected-access
-  procs = []
-  try:
+  port = conftest.free_port()
+  with conftest.Processes() as group:
     for i in range(2):
       cmd = [sys.executable, '-m', 'alexnet_jax.bench.scaling', '--config=configs/tiny.py',
              '--strategies=columns', '--project_devices=2x1', '--per_device_batch=4',
              '--steps=1', '--warmup=0', '--cpu_devices=2', f'--output={tmp_path / str(i)}',
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
              f'--process_id={i}']
-      procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, 9)
-        p.wait()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+      group.start(cmd)
+    codes = [group.wait_one(i, timeout=300) for i in range(2)]
+    outputs = [group.output(i) for i in range(2)]
+  for code, out in zip(codes, outputs):
+    assert code == 0, out[-3000:]
   assert not (tmp_path / '1').exists()
   lines = [json.loads(x) for x in (tmp_path / '0' / 'scaling.jsonl').read_text().splitlines()]
   # One device holds no pair of columns; the model axis stays within a host, so 2 hosts of 1

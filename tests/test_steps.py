@@ -10,13 +10,12 @@ from alexnet_jax.core import models
 from alexnet_jax.core import optim
 from alexnet_jax.core import parallel
 from alexnet_jax.core import steps
-from configs import digits as digits_config
+
+import conftest
 
 
 def _small_config(**overrides):
-  c = digits_config.get_config()
-  c.update(overrides)
-  return c
+  return conftest.config('digits', **overrides)
 
 
 def _batches(n, batch_size, size=28, classes=10):

@@ -8,15 +8,8 @@ import pytest
 
 from alexnet_jax import errors
 from alexnet_jax.core import train
-from configs import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(**overrides):
-  c = tiny.get_config()
-  c.update(overrides)
-  return c
+import conftest
 
 
 def test_a_failed_collective_says_another_process_is_gone(monkeypatch):
@@ -49,12 +42,12 @@ def test_a_failed_collective_says_another_process_is_gone(monkeypatch):
 def test_bad_config_values_stop_before_any_work(tmp_path, field, value, message):
   workdir = tmp_path / 'run'
   with pytest.raises(errors.ConfigError, match=f'config.{field}=.*{message}'):
-    train.train_and_evaluate(_config(**{field: value}), str(workdir))
+    train.train_and_evaluate(conftest.tiny_config(**{field: value}), str(workdir))
   assert not os.path.exists(workdir)
 
 
 def test_profile_steps_write_a_trace_for_tensorboard_and_perfetto(tmp_path):
-  config = _config(num_train_steps=3, profile_steps=1, profile_after_steps=1)
+  config = conftest.tiny_config(num_train_steps=3, profile_steps=1, profile_after_steps=1)
   train.train_and_evaluate(config, str(tmp_path))
   traces = list((tmp_path / 'profile' / 'plugins' / 'profile').iterdir())
   assert len(traces) == 1  # One trace, of steps 2..2.

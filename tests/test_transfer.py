@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from alexnet_jax.bench import pipeline as pipeline_benchmark
-from alexnet_jax.core import config as config_lib
+from alexnet_jax import config as config_lib
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.core import steps
 from alexnet_jax.core import train
 from alexnet_jax.core import transfer
 from alexnet_jax.errors import RunError
-from configs import tiny
-from tests import conftest
+
+import conftest
 
 CONVS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
 
@@ -27,22 +27,18 @@ def _three_class_folder(root):
   return {'dataset': 'folder', 'data_dir': str(root), 'eval_split': 'val', 'num_classes': 3}
 
 
-def _config(**overrides):
-  config = tiny.get_config()
-  config.update(overrides)
-  return config
-
-
 def _equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                    jax.tree_util.tree_leaves(b)))
 
 
+@pytest.mark.slow
 def test_a_fine_tune_on_other_classes_loads_what_fits_and_freezes_the_convolutions(
     tiny_workdir, tmp_path, caplog):
   data = _three_class_folder(tmp_path / 'data')
-  source = conftest.latest_state(tiny_workdir, tiny.get_config())
-  config = _config(**data, init_from=tiny_workdir, freeze_through='conv5', num_train_steps=2)
+  source = conftest.latest_state(tiny_workdir, conftest.tiny_config())
+  config = conftest.tiny_config(**data, init_from=tiny_workdir, freeze_through='conv5',
+                                num_train_steps=2)
   # What the run starts from, computed here from its parts: the source's layers where they fit,
   # fc8 (3 classes, not 10) from the new run's own initialisation.
   _, _, initial = steps.initial_state(config)
@@ -87,14 +83,15 @@ def test_a_source_that_cannot_be_used_stops_before_anything_is_written(tiny_work
   data = _three_class_folder(tmp_path / 'data')
   workdir = tmp_path / 'fine_tune'
   with pytest.raises(RunError, match='is not a directory'):
-    train.train_and_evaluate(_config(**data, init_from=str(tmp_path / 'missing')), str(workdir))
+    train.train_and_evaluate(conftest.tiny_config(**data, init_from=str(tmp_path / 'missing')),
+                             str(workdir))
   with pytest.raises(RunError, match="this run's own workdir"):
-    train.train_and_evaluate(_config(**data, init_from=str(workdir)), str(workdir))
+    train.train_and_evaluate(conftest.tiny_config(**data, init_from=str(workdir)), str(workdir))
   assert not workdir.exists()
 
 
 def test_a_source_of_which_no_layer_fits_is_refused():
-  _, _, initial = steps.initial_state(_config())
+  _, _, initial = steps.initial_state(conftest.tiny_config())
   other = jax.tree_util.tree_map(lambda x: x[..., :1], initial.params)  # every shape differs
   with pytest.raises(RunError, match='no layer of that run fits this network'):
     transfer.start_from(transfer.Source(params=other, step=4, workdir='elsewhere'),
@@ -102,7 +99,7 @@ def test_a_source_of_which_no_layer_fits_is_refused():
 
 
 def test_freezing_changes_the_checkpoint_so_a_resume_with_another_choice_is_refused():
-  before, after = _config(), _config(freeze_through='conv5')
+  before, after = conftest.tiny_config(), conftest.tiny_config(freeze_through='conv5')
   why = run_lib._shape_conflict(before, after)
   # (the frozen layers' momentum is not kept: the optimizer states differ in structure)
   assert why and 'opt_state' in why and 'nothing in the checkpoints' in why, why
@@ -110,6 +107,6 @@ def test_freezing_changes_the_checkpoint_so_a_resume_with_another_choice_is_refu
 
 
 def test_freeze_through_is_a_config_field_with_its_choices():
-  config = _config(freeze_through='conv6')
+  config = conftest.tiny_config(freeze_through='conv6')
   with pytest.raises(config_lib.ConfigError, match="freeze_through='conv6'.*'conv5', 'fc6'"):
     config_lib.check_fields(config)

@@ -5,7 +5,7 @@
   python -m alexnet_jax.bench.benchmark --what=layers                     # each layer, both ways
   python -m alexnet_jax.bench.benchmark --config.dtype=bfloat16
   python -m alexnet_jax.bench.benchmark --cpu_devices=8 --devices=8 --config.parallelism=columns
-  python -m alexnet_jax.bench.benchmark --peer=../shared/bench/peer_torch_alexnet.py  # + PyTorch
+  python -m alexnet_jax.bench.benchmark --peer=alexnet_jax/bench/peer_torch.py  # + PyTorch
 
 Every measurement runs after a warm-up and synchronises on its result (block_until_ready), and
 reports the median of --steps timed repetitions. The training step is the one training uses
@@ -53,7 +53,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('jpeg_dir', None, 'Folder of JPEGs for pipeline/loop (generated if '
                       'missing or too small; a temporary folder by default).')
   flags.DEFINE_integer('num_jpegs', 512, 'JPEGs to generate for pipeline/loop.')
-  flags.DEFINE_string('peer', None, 'Path of peer_torch_alexnet.py: run it (fp32, and bf16 '
+  flags.DEFINE_string('peer', None, 'Path of a PyTorch peer script (the project\'s is '
+                      'alexnet_jax/bench/peer_torch.py): run it (fp32, and bf16 '
                       'channels-last) right after the train step and print the ratio.')
   flags.DEFINE_list('peer_malloc', ['default', 'kept'], 'Run the peer with glibc\'s default '
                     'allocator settings, and/or "kept": the settings of --keep_freed_memory, '
@@ -269,7 +270,7 @@ def _jpeg_folder(directory: str | None, num: int) -> str:
   # pylint: disable-next=g-import-not-at-top
   from alexnet_jax.bench import pipeline as pipeline_benchmark
   directory = directory or os.path.join(tempfile.gettempdir(), 'alexnet_jax_bench_jpegs')
-  if pipeline_benchmark._count_images(directory) < num:  # pylint: disable=protected-access
+  if pipeline_benchmark.count_images(directory) < num:  # pylint: disable=protected-access
     print(f'Writing {num} ImageNet-sized JPEGs to {directory} ...', flush=True)
     pipeline_benchmark.write_jpegs(directory, num)
   return directory
@@ -431,7 +432,7 @@ def main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
-  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   if config is None:
@@ -449,7 +450,7 @@ def main(argv) -> None:
                     f'--devices={FLAGS.devices} >= 1')
   if FLAGS.peer and not os.path.isfile(FLAGS.peer):
     raise UserError(f'--peer={FLAGS.peer}: no such file; pass the path of '
-                    'peer_torch_alexnet.py')
+                    'alexnet_jax/bench/peer_torch.py (the project\'s peer)')
   if not {'pipeline', 'loop'} & set(FLAGS.what):
     # The steps are measured on data made on the device: no dataset is read, and none of
     # TensorFlow, tensorflow-datasets or scikit-learn is imported (an accelerator image

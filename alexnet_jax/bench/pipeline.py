@@ -89,7 +89,7 @@ def write_jpegs(directory: str, num_images: int, *, split: str = 'train', seed: 
         os.path.join(folder, f'img_{i:05d}.jpg'), quality=JPEG_QUALITY)
 
 
-def _count_images(directory: str) -> int:
+def count_images(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
 
 
@@ -153,7 +153,7 @@ def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int
   return {'images_per_sec': round(batches * config.batch_size / seconds, 1),
           'source': 'prepared' if prepared else 'folder', 'bytes_to_device_per_image': sent,
           'batch_size': config.batch_size, 'batches': batches, 'seconds': round(seconds, 3),
-          'num_files': _count_images(directory), 'cpus': cpus(), 'antialias': antialias,
+          'num_files': count_images(directory), 'cpus': cpus(), 'antialias': antialias,
           **extra}
 
 
@@ -184,7 +184,7 @@ def main(argv) -> None:
                     f'--warmup={f.warmup} >= 0')
   with tempfile.TemporaryDirectory() as scratch:
     directory = f.dir or scratch
-    if _count_images(directory) < f.num_images:
+    if count_images(directory) < f.num_images:
       start = time.perf_counter()
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')

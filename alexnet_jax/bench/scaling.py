@@ -60,7 +60,7 @@ NDR_PER_GPU_GB_S = 50.0
 
 
 def _define_flags() -> None:
-  from alexnet_jax.core import distributed  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', cli.checkout_config('alexnet.py'),
                                   'Config whose network is measured (configs/alexnet.py).')
   flags.DEFINE_list('strategies', ['data', 'columns', 'hybrid'], 'Strategies to compare.')
@@ -274,8 +274,8 @@ def main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
-  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import distributed  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()

@@ -28,8 +28,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from alexnet_jax import distributed
+from alexnet_jax import errors
 from alexnet_jax import paths
-from alexnet_jax.core import distributed
+from alexnet_jax.errors import RunError
 
 BEST_METRIC = 'eval/top1_error'
 DAMAGED_DIRNAME = 'checkpoints_damaged'
@@ -100,12 +102,10 @@ _CAUSES = ('No space left on device', 'Disk quota exceeded', 'File too large',
 def _save_errors(manager: ocp.CheckpointManager):
   """A save that fails (a full disk, a file-size limit, permissions...) stops the run with a
   RunError naming the directory, the cause and the checkpoint that stays the latest."""
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.errors import RunError  # pylint: disable=g-import-not-at-top
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  (TensorStore raises ValueError)
-    text = cli.one_line(e)
+    text = errors.one_line(e)
     cause = next((c for c in _CAUSES if c in text), 'see the message below')
     good = complete_steps(str(manager.directory))
     raise RunError(
@@ -184,8 +184,6 @@ def restore_latest_good(workdir: str, keep: int, state_like: Any, schedule_like:
   the run can save those steps again. Raises RunError when there are checkpoints and none
   restores (and then moves nothing). Every process of a run calls it.
   """
-  from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.errors import RunError  # pylint: disable=g-import-not-at-top
   manager = create_manager(workdir, keep)
   damaged, restored = [], None
   for step in sorted(manager.all_steps(), reverse=True):
@@ -194,7 +192,7 @@ def restore_latest_good(workdir: str, keep: int, state_like: Any, schedule_like:
         restored = restore(manager, state_like, schedule_like, step=step)
       break
     except Exception as e:  # pylint: disable=broad-except  (damage shows as OSError, ValueError..)
-      damaged.append((step, cli.one_line(e)[:300]))
+      damaged.append((step, errors.one_line(e)[:300]))
       logging.warning('The checkpoint of step %d in %s cannot be restored: %s', step,
                       manager.directory, damaged[-1][1])
   if damaged and restored is None:

@@ -22,7 +22,6 @@ from absl import logging
 
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import parallel
-from alexnet_jax.core import steps
 from alexnet_jax.data import on_device
 from alexnet_jax.data import pipeline
 from alexnet_jax.data import sources

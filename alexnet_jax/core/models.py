@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax.config import VARIANTS
 from alexnet_jax.core import kernels as kernels_lib
 from alexnet_jax.core import ops
-from alexnet_jax.core.config import VARIANTS
 from alexnet_jax.core.kernels import Kernels
 
 ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
@@ -385,19 +385,22 @@ class AlexNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+# AlexNet's fields that are not config fields of the same name: the network's variant is
+# config.model; the kernels and the split come from the run's devices, not from the config.
+_FIELD_IN_CONFIG = {'variant': 'model'}
+_NOT_FROM_CONFIG = ('kernels', 'split', 'model_axis', 'input_std', 'parent', 'name')
+
+
 def create_model(config: Any, kernels: Kernels | None = None, split: str = 'none') -> AlexNet:
-  """The AlexNet that `config` (a validated ConfigDict) describes, computed with `kernels`
+  """The AlexNet that `config` (a validated ConfigDict) describes: every field of AlexNet from
+  the config field of the same name (`variant` from config.model), computed with `kernels`
   (default: `kernels.resolve(config)` for JAX's default devices); `split` as in AlexNet."""
   if kernels is None:
     kernels = kernels_lib.resolve(config)
+  fields = {f.name: config[_FIELD_IN_CONFIG.get(f.name, f.name)]
+            for f in dataclasses.fields(AlexNet) if f.init and f.name not in _NOT_FROM_CONFIG}
   return AlexNet(
-      variant=config.model, num_classes=config.num_classes, lrn=config.lrn, lrn_k=config.lrn_k,
-      lrn_n=config.lrn_n, lrn_alpha=config.lrn_alpha, lrn_beta=config.lrn_beta,
-      lrn_alpha_convention=config.lrn_alpha_convention,
-      lrn_within_columns=config.lrn_within_columns, overlapping_pool=config.overlapping_pool,
-      activation=config.activation, dropout_rate=config.dropout_rate,
-      weight_init_std=config.weight_init_std, bias_init_one=config.bias_init_one,
-      dtype=config.dtype, kernels=kernels, split=split,
+      **fields, kernels=kernels, split=split,
       # A tuple: the module is hashed as a static argument of jit (config.json gives a list).
       input_std=None if config.get('std_rgb') is None else tuple(map(float, config.std_rgb)))
 

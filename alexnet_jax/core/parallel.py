@@ -20,7 +20,7 @@ optimizer update on the global arrays under `jax.jit`. The parameters keep the l
 one-device network, only sharded (`param_specs`): checkpoints, evaluation and weights are the
 same in every strategy.
 
-Across hosts (several processes, `core.distributed`) the mesh keeps each model group inside one
+Across hosts (several processes, `alexnet_jax/distributed.py`) the mesh keeps each model group inside one
 host, where the links are fast, and lets the data axis span the hosts: a host's devices hold
 whole data groups, so every process holds a whole copy of the parameters (`Placement.host_state`
 reads it without communication) and feeds its own rows of each global batch.
@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.core import models
 from alexnet_jax.core import steps
-from alexnet_jax.core.config import STRATEGIES
+from alexnet_jax.config import STRATEGIES
 from alexnet_jax.core.steps import DATA
 from alexnet_jax.core.steps import MODEL
 from alexnet_jax.errors import ConfigError

@@ -18,16 +18,16 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from alexnet_jax import config as config_lib
 from alexnet_jax import paths
 from alexnet_jax.core import checkpoints
-from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import optim
 from alexnet_jax.core import steps
 from alexnet_jax.core.kernels import Kernels
 from alexnet_jax.errors import DataError
 from alexnet_jax.errors import RunError
 
-CONFIG_FILENAME = 'config.json'
+CONFIG_FILENAME = config_lib.FILENAME
 CLASSES_FILENAME = 'classes.json'  # class name -> label
 CONFIG_CHANGES_FILENAME = 'config_changes.jsonl'  # what resumed runs changed, oldest first
 
@@ -164,19 +164,7 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> list[Config
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved (config.json), merged over the values older versions implied."""
-  return _read_config(workdir)[0]
-
-
-def _read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-  workdir = paths.resolve(workdir)
-  if not workdir.is_dir():
-    raise RunError(f'{workdir} is not a directory: pass the workdir of a trained run '
-                   '(`python main.py --config=... --workdir=...` makes one).')
-  path = workdir / CONFIG_FILENAME
-  if not path.exists():
-    raise RunError(f'{path} does not exist: {workdir} is not the workdir of a run (train one '
-                   'with `python main.py --config=... --workdir=...`).')
-  return config_lib.from_json(path.read_text(encoding='utf-8'), str(path))
+  return config_lib.read_saved(workdir)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +217,7 @@ class Run:
 def open_run(workdir: str) -> Run:
   """The run in `workdir`, read-only: config, class names, statistics and checkpoints."""
   workdir = str(paths.resolve(workdir))
-  config, records = _read_config(workdir)
+  config, records = config_lib.read_saved(workdir)
   return Run(workdir=workdir, config=config, resolved_kernels=records.get('resolved_kernels'))
 
 

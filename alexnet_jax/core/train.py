@@ -10,6 +10,7 @@ batches an uninterrupted run would see.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import signal
@@ -21,10 +22,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from alexnet_jax import config as config_lib
+from alexnet_jax import errors
 from alexnet_jax import paths
-from alexnet_jax import cli
+from alexnet_jax import progress
 from alexnet_jax.core import checkpoints
-from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import evaluation
 from alexnet_jax.core import kernels as kernels_lib
 from alexnet_jax.core import metrics as metrics_lib
@@ -46,9 +48,10 @@ UNLOGGED = 'unlogged_train_metrics'
 
 
 def prepare(config: ml_collections.ConfigDict) -> kernels_lib.Kernels:
-  """Checks `config` (`config.validate`) and resolves its kernels for this run's devices, once,
-  before any work; logs the choice."""
+  """Checks `config` (`config.validate`, and `parallel.check` for its devices) and resolves its
+  kernels for this run's devices, once, before any work; logs the choice."""
   config_lib.validate(config)
+  parallel.check(config, jax.device_count(), jax.local_device_count())
   kernels = kernels_lib.resolve(config, jax.devices())
   logging.info('Kernels on %s: %s', jax.devices()[0].platform, kernels.describe())
   return kernels
@@ -124,7 +127,7 @@ def _collective_errors():
       raise
     raise RunError(
         f'Process {jax.process_index()} of {jax.process_count()} lost the other processes: '
-        f'{cli.one_line(e)[:300]}. Another process of the run probably stopped or was killed '
+        f'{errors.one_line(e)[:300]}. Another process of the run probably stopped or was killed '
         '(see its log). Rerun the command on every host to resume from the last checkpoint.') from e
 
 
@@ -171,20 +174,53 @@ class _Profile:
       jax.profiler.stop_trace()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config`'s network, evaluating and checkpointing into `workdir`; resumes if possible.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How long a run is and when it logs, evaluates and saves, in steps."""
+  steps_per_epoch: int
+  total_steps: int
+  log_every: int
+  eval_every: int
+  save_every: int
 
-  Returns the last evaluation's metrics.
-  """
-  kernels = prepare(config)
-  workdir = str(paths.resolve(workdir))
-  is_main = jax.process_index() == 0
-  info = input_pipeline.get_dataset_info(config)  # Checks the classes fit num_classes.
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)  # Checks one batch fits.
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
-  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
-                else max(1, int(config.eval_every_epochs * steps_per_epoch)))
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, info: Any) -> _Plan:
+    steps_per_epoch = input_pipeline.steps_per_epoch(config, info)  # Checks one batch fits.
+    return cls(steps_per_epoch,
+               (config.num_train_steps if config.num_train_steps > 0
+                else int(config.num_epochs * steps_per_epoch)),
+               config.log_every_steps,
+               (config.eval_every_steps if config.eval_every_steps > 0
+                else max(1, int(config.eval_every_epochs * steps_per_epoch))),
+               config.checkpoint_every_steps)
+
+  def due(self, step: int, every: int) -> bool:
+    """Whether `step` is one of every `every` steps; the last step always is."""
+    return step % every == 0 or step == self.total_steps
+
+  def epoch(self, step: int) -> float:
+    return step / self.steps_per_epoch
+
+
+@dataclasses.dataclass
+class _Start:
+  """Where a run starts: its network, optimizer, state (new, fine-tuned or resumed), schedule,
+  checkpoint manager, data statistics and the metrics carried over in the checkpoint."""
+  model: Any
+  tx: Any
+  state: steps.TrainState
+  lr: optim.LearningRate
+  manager: Any
+  mean: Any
+  meta: dict[str, Any]
+  unlogged: list[tuple[int, dict[str, float]]]
+
+
+def _start(config: ml_collections.ConfigDict, workdir: str, kernels: kernels_lib.Kernels,
+           info: Any, plan: _Plan, is_main: bool) -> _Start:
+  """Checks the workdir can take this run, records the run's config and classes, computes (or
+  reads) the data statistics, and resumes the latest good checkpoint or starts anew (from
+  config.init_from's parameters for a fine-tune)."""
   # Before anything is written: a config that cannot continue the workdir's checkpoints stops.
   changes = run_lib.check_resume(workdir, config)
   # A fine-tune's source is read before anything is written too (a new run only: a workdir
@@ -205,20 +241,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mean = data_stats.mean_to_subtract(config, data_stats.training_stats(config, workdir, is_main))
   logging.info('%s: %d training / %d eval examples, %d classes; %d steps of %d (%d per epoch) '
                'on %d devices', config.dataset, info.num_train, info.num_eval, info.num_classes,
-               total_steps, config.batch_size, steps_per_epoch, jax.device_count())
+               plan.total_steps, config.batch_size, plan.steps_per_epoch, jax.device_count())
 
   model, tx, state = steps.initial_state(config, kernels)
-  lr = optim.LearningRate(config, steps_per_epoch)
+  lr = optim.LearningRate(config, plan.steps_per_epoch)
   manager, restored = checkpoints.restore_latest_good(
       workdir, config.keep_checkpoints, state, lr.state(), is_writer=is_main)
-  meta = {'best_top1_error': None, 'best_step': None}
-  pending = _PendingMetrics()
+  meta, unlogged = {'best_top1_error': None, 'best_step': None}, []
   if restored is not None:
     state, schedule, meta = restored
     lr.restore(schedule)
     # Per-step metrics of the log window the checkpoint was saved in: the first log after the
     # resume averages the same steps as an uninterrupted run's.
-    pending.checked = [(int(k), v) for k, v in meta.pop(UNLOGGED, [])]
+    unlogged = [(int(k), v) for k, v in meta.pop(UNLOGGED, [])]
     logging.info('Resuming from the checkpoint of step %d in %s', int(state.step),
                  manager.directory)
     if config.init_from:
@@ -227,116 +262,182 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif source is not None:
     started = transfer.start_from(source, state.params, optim.frozen_layers(config.freeze_through))
     state = state.replace(params=started.params)
-  start_step = int(state.step)
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
+  return _Start(model, tx, state, lr, manager, mean, meta, unlogged)
 
-  finish = on_device.finisher(config, mean) if config.device_preprocessing else None
-  placement = parallel.Placement(config, model, tx, state, finish=finish)
-  if placement.mesh is not None:
-    logging.info('Parallelism %r: mesh %s', config.parallelism, dict(placement.mesh.shape))
-  p_train = placement.train_step
-  p_eval = evaluation.pmapped_eval_step(model, config, mean)
-  rstate = placement.put_state(state)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
-  last_eval: dict[str, float] = {}
 
-  def save(step, eval_metrics=None):
-    pending.check()  # Never checkpoint a diverged state: neither its loss...
-    host = placement.host_state(rstate)
-    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host.params)):
-      # ...nor its parameters (the last step's update can overflow while its loss, computed
-      # before the update, is still finite).
-      raise TrainingDivergedError(
-          f'The parameters became NaN or infinite at step {step}. Stopping; the last good '
-          'checkpoint is kept. Try a lower --config.learning_rate.')
-    checkpoints.save(manager, step, host, lr.state(),
-                     dict(meta, epoch=step / steps_per_epoch, **{UNLOGGED: pending.checked}),
-                     eval_metrics)
+class _LogWindow:
+  """Training images/sec over the steps since the last log, evaluations and saves excluded;
+  the first step (compilation) never counts."""
 
-  def evaluate_now(step):
-    logging.info('Evaluating at step %d (epoch %.2f) on %s%s', step, step / steps_per_epoch,
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.start, self.steps = time.time(), 0
+
+  def stepped(self, first: bool) -> None:
+    if first:
+      self.start = time.time()
+    else:
+      self.steps += 1
+
+  @contextlib.contextmanager
+  def paused(self):
+    t0 = time.time()
+    yield
+    self.start += time.time() - t0
+
+  def take(self, batch_size: int) -> float | None:
+    """Images/sec since the last `take` (None: no timed step yet), and a new window."""
+    elapsed, steps_ = time.time() - self.start, self.steps
+    self.start, self.steps = time.time(), 0
+    return steps_ * batch_size / elapsed if steps_ else None
+
+
+class _Loop:
+  """What a run does between steps: logging, evaluating, saving (process 0 writes)."""
+
+  def __init__(self, config, workdir, plan: _Plan, start: _Start, placement, is_main: bool):
+    self.config, self.plan, self.placement = config, plan, placement
+    self.lr, self.manager, self.meta, self.mean = start.lr, start.manager, start.meta, start.mean
+    self.pending = _PendingMetrics()
+    self.pending.checked = start.unlogged
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                           resume_step=int(start.state.step))
+    self.eval_step = evaluation.pmapped_eval_step(start.model, config, start.mean)
+    self.window = _LogWindow()
+    self.last_eval: dict[str, float] = {}
+
+  def log(self, step: int) -> None:
+    """Writes the mean of the window's per-step metrics, the learning rate and the speed."""
+    history = self.pending.take()
+    ips = self.window.take(self.config.batch_size)
+    scalars = {key: float(np.mean([h[key] for _, h in history])) for key in history[-1][1]}
+    scalars.update({'lr': self.lr.value(step - 1), 'epoch': self.plan.epoch(step),
+                    'train/images_per_sec': float('nan') if ips is None else ips})
+    self.writer.write(step, scalars)
+    eta = (self.plan.total_steps - step) * self.config.batch_size / ips if ips else 0
+    logging.info('step %d/%d  epoch %.2f/%g  loss %.4f  top-1 err %.3f  lr %.2g  '
+                 '%.1f img/s  ETA %s', step, self.plan.total_steps, self.plan.epoch(step),
+                 self.plan.epoch(self.plan.total_steps), scalars['train/loss'],
+                 scalars['train/top1_error'], scalars['lr'], scalars['train/images_per_sec'],
+                 progress.format_duration(eta))
+
+  def evaluate(self, step: int, device_state: Any) -> dict[str, float]:
+    """Evaluates at `step`, feeds the plateau schedule, keeps the best and records it."""
+    self.pending.check()  # A diverged step is never evaluated (nor its evaluation recorded).
+    config = self.config
+    logging.info('Evaluating at step %d (epoch %.2f) on %s%s', step, self.plan.epoch(step),
                  config.eval_split, ' (10 crops)' if config.ten_crop_eval else '')
     t0 = time.time()
-    result = evaluation.evaluate(p_eval, placement.eval_params(rstate), config,
-                                 ten_crop=config.ten_crop_eval, mean=mean)
+    result = evaluation.evaluate(self.eval_step, self.placement.eval_params(device_state),
+                                 config, ten_crop=config.ten_crop_eval, mean=self.mean)
     # Checked before anything uses it: the plateau schedule, the best checkpoint, the metrics.
     if not all(math.isfinite(v) for v in result.values()):
       raise TrainingDivergedError(
           f'The evaluation at step {step} gave {result}: the network outputs NaN or infinite '
           'values. Stopping; the last good checkpoint is kept and this evaluation is not '
           'recorded. Try a lower --config.learning_rate.')
-    lr.observe(result['eval/top1_error'])
-    if meta['best_top1_error'] is None or result['eval/top1_error'] < meta['best_top1_error']:
-      meta['best_top1_error'], meta['best_step'] = result['eval/top1_error'], step
-    writer.write(step, result)
+    self.lr.observe(result['eval/top1_error'])
+    if (self.meta['best_top1_error'] is None
+        or result['eval/top1_error'] < self.meta['best_top1_error']):
+      self.meta['best_top1_error'], self.meta['best_step'] = result['eval/top1_error'], step
+    self.writer.write(step, result)
     logging.info('step %d: eval top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f over %d '
                  'examples (%.1f s); lr now %.2g', step, 100 * result['eval/top1_error'],
                  100 * result['eval/top5_error'], result['eval/loss'],
-                 result['eval/num_examples'], time.time() - t0, lr.value(step))
+                 result['eval/num_examples'], time.time() - t0, self.lr.value(step))
+    self.last_eval = result
     return result
 
-  step = start_step
+  def save(self, step: int, device_state: Any, eval_metrics=None) -> None:
+    """Checkpoints `step`, never a diverged state: neither its loss nor its parameters (the
+    last update can overflow while its loss, computed before it, is still finite)."""
+    self.pending.check()
+    host = self.placement.host_state(device_state)
+    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host.params)):
+      raise TrainingDivergedError(
+          f'The parameters became NaN or infinite at step {step}. Stopping; the last good '
+          'checkpoint is kept. Try a lower --config.learning_rate.')
+    checkpoints.save(self.manager, step, host, self.lr.state(),
+                     dict(self.meta, epoch=self.plan.epoch(step),
+                          **{UNLOGGED: self.pending.checked}), eval_metrics)
+
+  def after_step(self, step: int, device_state: Any) -> bool:
+    """Logs, evaluates and saves as the plan says after `step`; returns whether it saved."""
+    plan = self.plan
+    if plan.due(step, plan.log_every):
+      self.log(step)
+    with self.window.paused():  # Evaluations and saves do not count in images/sec.
+      evaluated = plan.due(step, plan.eval_every)
+      if evaluated:
+        self.evaluate(step, device_state)
+      if evaluated or plan.due(step, plan.save_every):
+        self.save(step, device_state, self.last_eval if evaluated else None)
+        return True
+    return False
+
+  def close(self, stopped_by_error: bool) -> None:
+    self.writer.close()
+    try:
+      checkpoints.finish(self.manager)
+    except RunError:
+      if not stopped_by_error:
+        raise
+      # Already stopping for another error (often this very save's): that one is reported.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config`'s network, evaluating and checkpointing into `workdir`; resumes if possible.
+
+  Returns the last evaluation's metrics.
+  """
+  kernels = prepare(config)
+  workdir = str(paths.resolve(workdir))
+  is_main = jax.process_index() == 0
+  info = input_pipeline.get_dataset_info(config)  # Checks the classes fit num_classes.
+  plan = _Plan.of(config, info)
+  start = _start(config, workdir, kernels, info, plan, is_main)
+  finish = on_device.finisher(config, start.mean) if config.device_preprocessing else None
+  placement = parallel.Placement(config, start.model, start.tx, start.state, finish=finish)
+  if placement.mesh is not None:
+    logging.info('Parallelism %r: mesh %s', config.parallelism, dict(placement.mesh.shape))
+  loop = _Loop(config, workdir, plan, start, placement, is_main)
+  device_state = placement.put_state(start.state)
+  step = first = int(start.state.step)
   train_iter: Iterator = input_pipeline.train_iterator(
-      config, start_step=start_step, mean=mean, on_device=config.device_preprocessing)
+      config, start_step=first, mean=start.mean, on_device=config.device_preprocessing)
   batches = placement.batches(train_iter, config.device_prefetch)
-  profile = _Profile(config, workdir, start_step)
-  window_start, window_steps = time.time(), 0
+  profile = _Profile(config, workdir, first)
   votes = None  # stop votes of the step before the one just dispatched
   stopped_by_error = True
   try:
     with _StopRequest() as stop, _collective_errors(), _disk_errors():
       # (From here on SIGTERM and Ctrl-C stop the run after a step, with a checkpoint.)
-      logging.info('Training steps %d to %d', start_step + 1, total_steps)
-      while step < total_steps:
+      logging.info('Training steps %d to %d', first + 1, plan.total_steps)
+      loop.window.reset()
+      while step < plan.total_steps:
         profile.before(step)
-        rstate, step_metrics, new_votes = p_train(
-            rstate, next(batches), np.float32(lr.value(step)),
+        device_state, step_metrics, new_votes = placement.train_step(
+            device_state, next(batches), np.float32(start.lr.value(step)),
             placement.stop_votes(stop.signal is not None))
-        if step == start_step:
+        if step == first:
           jax.block_until_ready(step_metrics)
-          logging.info('First step (compilation included) took %.1f s', time.time() - window_start)
-          window_start = time.time()
-        else:
-          window_steps += 1
+          logging.info('First step (compilation included) took %.1f s',
+                       time.time() - loop.window.start)
+        loop.window.stepped(first=step == first)
         step += 1
-        pending.add(step, step_metrics)
+        loop.pending.add(step, step_metrics)
         profile.after(step, step_metrics)
         # Every process reads the same votes of step - 1 (waiting for that step, not this one,
         # so the device stays busy), hence all stop after this same step.
         stopping = votes is not None and int(parallel.first_value(votes))
         votes = new_votes
-
-        if step % config.log_every_steps == 0 or step == total_steps:
-          history = pending.take()
-          elapsed = time.time() - window_start
-          ips = window_steps * config.batch_size / elapsed if window_steps else float('nan')
-          scalars = dict(history[-1][1])
-          for key in scalars:
-            scalars[key] = float(np.mean([h[key] for _, h in history]))
-          scalars['lr'] = lr.value(step - 1)
-          scalars['train/images_per_sec'] = ips
-          scalars['epoch'] = step / steps_per_epoch
-          writer.write(step, scalars)
-          eta = (total_steps - step) * config.batch_size / ips if ips == ips and ips else 0
-          logging.info('step %d/%d  epoch %.2f/%g  loss %.4f  top-1 err %.3f  lr %.2g  '
-                       '%.1f img/s  ETA %s', step, total_steps, step / steps_per_epoch,
-                       total_steps / steps_per_epoch, scalars['train/loss'],
-                       scalars['train/top1_error'], scalars['lr'], ips, cli.format_duration(eta))
-          window_start, window_steps = time.time(), 0
-
-        paused = time.time()  # Evaluations and saves do not count in training images/sec.
-        did_eval = saved = False
-        if step % eval_every == 0 or step == total_steps:
-          pending.check()  # A diverged step is never evaluated (nor its evaluation recorded).
-          last_eval = evaluate_now(step)
-          did_eval = True
-        if did_eval or step % config.checkpoint_every_steps == 0 or step == total_steps:
-          save(step, last_eval if did_eval else None)
-          saved = True
-        window_start += time.time() - paused
+        saved = loop.after_step(step, device_state)
         if stopping:
           if not saved:
-            save(step)
+            loop.save(step, device_state)
           logging.warning('Stopped at step %d on request%s; rerun the same command to resume.',
                           step, ' (agreed by all %d processes)' % jax.process_count()
                           if jax.process_count() > 1 else '')
@@ -347,14 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Close the tf.data iterator explicitly: left to interpreter shutdown, its teardown measured
     # 35 s after a 20-epoch digits run.
     train_iter.close()
-    writer.close()
-    try:
-      checkpoints.finish(manager)
-    except RunError:
-      if not stopped_by_error:
-        raise
-      # Already stopping for another error (often this very save's): that one is reported.
-  return last_eval
+    loop.close(stopped_by_error)
+  return loop.last_eval
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
@@ -376,7 +471,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                                ten_crop=config.ten_crop_eval, mean=mean)
   result['step'] = restored.step
   crops = 'ten_crop' if config.ten_crop_eval else 'center_crop'
-  cli.write_json(str(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json'),
+  paths.write_json(str(paths.resolve(run.workdir) / f'eval_{config.eval_split}_{crops}.json'),
                  result)  # (process 0 writes it)
   logging.info('step %d, %s, %s: top-1 error %.2f%%, top-5 error %.2f%% over %d examples',
                restored.step, config.eval_split, crops, 100 * result['eval/top1_error'],

@@ -9,6 +9,8 @@ Images are float32 [H, W, 3] on the paper's 0..255 pixel scale.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -17,7 +19,7 @@ PIXEL_MAX = 255.0
 
 # §4.1: PCA of the RGB pixel values of the ImageNet training set, on a 0..1 pixel scale. The paper
 # gives no numbers; these are the widely quoted published ImageNet values (fb.resnet.torch's
-# ImageNet PCA, listed in ../shared/PAPER.md under §4.1). Eigenvalues in decreasing order; the
+# ImageNet PCA, listed in docs/paper.md under §4.1). Eigenvalues in decreasing order; the
 # eigenvectors are the COLUMNS, rows are R, G, B. `config.pca_file` (an .npz with 'eigval' and
 # 'eigvec', e.g. written by `python -m alexnet_jax.data.stats`) replaces them.
 IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
@@ -122,6 +124,54 @@ def pca_lighting(image: tf.Tensor, key: tf.Tensor, eigval: tf.Tensor, eigvec: tf
                  std: float, scale: str) -> tf.Tensor:
   """§4.1's PCA colour augmentation: add the same `lighting_offset` to every pixel."""
   return image + lighting_offset(key, eigval, eigvec, std, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugment:
+  """§4.1's training augmentation, one sequence: `choices` draws everything random about one
+  training image from its key (the crop position, the flip, the lighting shift); the host's
+  float patch (`float_patch`) and the uint8 patch that the device finishes (`uint8_patch`, then
+  `data.on_device`) both apply those same choices, so they cannot draw differently."""
+  size: int  # the patch side (config.image_size)
+  random_crop: bool
+  random_flip: bool
+  pca_lighting: bool
+  eigval: np.ndarray  # [3], 0..1 pixel scale
+  eigvec: np.ndarray  # [3, 3], eigenvectors as columns
+  lighting_std: float
+  lighting_scale: str
+
+  def choices(self, square: tf.Tensor, key: tf.Tensor
+              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor | None]:
+    """(top, left, flip, RGB shift or None) of the patch cut from `square`, from `key`."""
+    crop_key, flip_key, lighting_key = tf.unstack(split_key(key, 3))
+    if self.random_crop:
+      top, left = random_crop_offsets(square, self.size, crop_key)
+    else:
+      top, left = center_offsets(square, self.size)
+    flip = flip_decision(flip_key) if self.random_flip else tf.constant(False)
+    shift = (lighting_offset(lighting_key, self.eigval, self.eigvec, self.lighting_std,
+                             self.lighting_scale) if self.pca_lighting else None)
+    return top, left, flip, shift
+
+  def float_patch(self, square: tf.Tensor, key: tf.Tensor, mean: np.ndarray | None
+                  ) -> tf.Tensor:
+    """The float32 training patch: §2's mean subtracted from the square, then the patch cut,
+    reflected and shifted as `choices` says."""
+    top, left, flip, shift = self.choices(square, key)
+    image = crop(subtract_mean(square, mean), top, left, self.size)
+    image = tf.cond(flip, lambda: horizontal_flip(image), lambda: image)
+    return image if shift is None else image + shift
+
+  def uint8_patch(self, square: tf.Tensor, key: tf.Tensor) -> dict[str, tf.Tensor]:
+    """What the device needs to finish the same patch (`data.on_device`): {'image': the uint8
+    patch, cut and reflected, 'crop': int32 [top, left, flipped], 'lighting': the shift}."""
+    square = to_uint8(square)
+    top, left, flip, shift = self.choices(square, key)
+    patch = crop(square, top, left, self.size)
+    patch = tf.cond(flip, lambda: horizontal_flip(patch), lambda: patch)
+    return {'image': patch, 'crop': tf.stack([top, left, tf.cast(flip, tf.int32)]),
+            'lighting': tf.zeros([3]) if shift is None else shift}
 
 
 def subtract_mean(square: tf.Tensor, mean: np.ndarray | None) -> tf.Tensor:

@@ -2,11 +2,11 @@
 network's float32 images out.
 
 The host (`data.pipeline` with on_device=True) decodes and cuts the patches and draws every
-random number from the keys of (seed, epoch, position), as before; it sends the uint8 patch
+random number from the keys of (seed, epoch, position), as the float path does; it sends the uint8 patch
 (150 KB at 224x224, against 600 KB in float32) with 24 bytes of what it chose: the crop position,
 whether it flipped, and the lighting's RGB shift. What `finisher` does with them is what the host
 path does, in the same order of float operations (cast, minus the mean's matching window, plus
-the shift), so the two give the same values (tested in tests/test_on_device.py):
+the shift), so the two give the same values (tested in tests/test_prepare.py):
 - training (§2, §4.1): the mean image's window at the patch's position, mirrored with it, is
   subtracted; then the shift of §4.1's PCA lighting is added to every pixel;
 - evaluation: the mean's central patch, or its ten patches (§4.1), is subtracted.

@@ -35,6 +35,9 @@ counts are of files, since reading every header up front would take too long for
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import math
 from typing import Iterator
 
@@ -132,26 +135,50 @@ def _synthetic_batch(config, batch: int, seed: int) -> dict[str, np.ndarray]:
   return {'image': image.numpy(), 'label': label.numpy()}
 
 
-def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Dataset:
-  """{'epoch', 'position', ...} of this process's training examples from start_step on.
+@dataclasses.dataclass(frozen=True)
+class _Order:
+  """Where this process's training examples sit in the global batch order, and where a resumed
+  run starts in it: the one statement of both, for every kind of split.
 
   `position` is the index in the epoch of the global batch order: global step k holds positions
   [k * B, (k + 1) * B), and process p takes [k * B + p * b, k * B + (p + 1) * b).
   """
-  global_batch = config.batch_size
-  b = _per_process(global_batch, 'batch_size')
-  p = jax.process_index()
-  start_epoch, start_offset = divmod(start_step, steps)
+  global_batch: int  # B
+  per_process: int  # b
+  process: int  # p
+  steps: int  # steps per epoch
+  start_step: int
+
+  @property
+  def start_epoch(self) -> int:
+    return self.start_step // self.steps
+
+  @property
+  def share(self) -> int:
+    """This process's examples per epoch."""
+    return self.steps * self.per_process
+
+  def position(self, local):
+    """Index in this process's share of the epoch -> position in the global order."""
+    b = self.per_process
+    return (local // b) * self.global_batch + self.process * b + local % b
+
+  def first_local(self, epoch):
+    """The first local index to read in `epoch`: the resume step's, in the first epoch only."""
+    return tf.where(epoch == self.start_epoch,
+                    np.int64(self.start_step % self.steps * self.per_process), np.int64(0))
+
+
+def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Dataset:
+  """{'epoch', 'position', ...} of this process's training examples from start_step on (the
+  positions of `_Order`)."""
+  order_of = _Order(config.batch_size, _per_process(config.batch_size, 'batch_size'),
+                    jax.process_index(), steps, start_step)
+  position, skip = order_of.position, order_of.first_local
   seed = tf.constant(config.seed, tf.int64)
 
-  def position(local):  # local index in this process's share of the epoch -> global position
-    return (local // b) * global_batch + p * b + local % b
-
-  def skip(epoch):  # skip to the resume step, within the first epoch only
-    return tf.where(epoch == start_epoch, np.int64(start_offset * b), np.int64(0))
-
   if isinstance(split, data_sources.ShardedSplit):
-    return _sharded_train_positions(config, split, start_step, steps)
+    return _sharded_train_positions(config, split, order_of)
   if isinstance(split, data_sources.IndexedSplit):
     n = split.num_examples
     tries = FALLBACK_CANDIDATES if split.may_fail else 1
@@ -165,14 +192,15 @@ def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Data
         following = (pos + tf.range(tries, dtype=tf.int64)) % n
         return {'epoch': epoch, 'position': pos, 'candidates': tf.gather(order, following)}
 
-      return tf.data.Dataset.range(skip(epoch), steps * b).map(candidates)
+      return tf.data.Dataset.range(skip(epoch), order_of.share).map(candidates)
   else:
-    records = split.records(p, jax.process_count())
+    records = split.records(order_of.process, jax.process_count())
 
     def epoch_positions(epoch):
       shuffle_seed = tf.random.stateless_uniform([], tf.stack([seed, epoch]), minval=None,
                                                  maxval=None, dtype=tf.int64)
-      ds = records.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(steps * b).enumerate()
+      ds = records.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(order_of.share)
+      ds = ds.enumerate()
 
       def with_position(local, ex):
         return {'epoch': epoch, 'position': position(local), 'encoded': ex['image'],
@@ -180,19 +208,15 @@ def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Data
 
       return ds.skip(skip(epoch)).map(with_position)
 
-  return tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch_positions)
+  return tf.data.Dataset.range(order_of.start_epoch, _FOREVER).flat_map(epoch_positions)
 
 
-def _sharded_train_positions(config, split: data_sources.ShardedSplit, start_step: int,
-                             steps: int) -> tf.data.Dataset:
+def _sharded_train_positions(config, split: data_sources.ShardedSplit,
+                             order_of: _Order) -> tf.data.Dataset:
   """`_train_positions` of a prepared split (see the module docstring), with 'encoded'."""
-  global_batch = config.batch_size
-  b = _per_process(global_batch, 'batch_size')
-  p = jax.process_index()
-  share = steps * b  # examples of this process per epoch
+  p, share = order_of.process, order_of.share
   window = min(config.shuffle_buffer, share)
   num_windows = -(-share // window)
-  start_epoch, start_offset = divmod(start_step, steps)
   seed = tf.constant(config.seed, tf.int64)
   files = tf.constant(split.files, tf.string)
   counts = tf.constant(split.counts, tf.int64)
@@ -203,7 +227,7 @@ def _sharded_train_positions(config, split: data_sources.ShardedSplit, start_ste
     ordered_counts = tf.gather(counts, order)
     ends = tf.cumsum(ordered_counts)
     starts = ends - ordered_counts
-    first_local = tf.where(epoch == start_epoch, np.int64(start_offset * b), np.int64(0))
+    first_local = order_of.first_local(epoch)
 
     def load_window(w):  # window w of this process's slice, read whole and permuted
       lo = p * share + w * window
@@ -219,14 +243,14 @@ def _sharded_train_positions(config, split: data_sources.ShardedSplit, start_ste
               tf.stack([seed, epoch]), lo))
       local = w * window + tf.range(hi - lo)
       return {'encoded': tf.gather(ex['encoded'], perm), 'label': tf.gather(ex['label'], perm),
-              'position': (local // b) * global_batch + p * b + local % b}
+              'position': order_of.position(local)}
 
     # The next window is read while this one is consumed.
     windows = tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
     ds = windows.prefetch(1).unbatch().skip(first_local % window)
     return ds.map(lambda el: {**el, 'epoch': epoch})
 
-  return tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch_positions)
+  return tf.data.Dataset.range(order_of.start_epoch, _FOREVER).flat_map(epoch_positions)
 
 
 def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -264,54 +288,12 @@ def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.map(first, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _train_augment(config, mean: np.ndarray | None):
-  """(square image, key) -> §4.1's training patch, minus the mean."""
+def _train_augment(config) -> augment.TrainAugment:
+  """§4.1's training augmentation as `config` sets it (with `_pca`'s lighting)."""
   eigval, eigvec = _pca(config)
-
-  def fn(square, key):
-    # §2: the mean is subtracted from the square image, then patches are cut from the result.
-    image = augment.subtract_mean(square, mean)
-    crop_key, flip_key, lighting_key = tf.unstack(augment.split_key(key, 3))
-    if config.random_crop:
-      image = augment.random_crop(image, config.image_size, crop_key)
-    else:
-      image = augment.center_crop(image, config.image_size)
-    if config.random_flip:
-      image = augment.random_flip(image, flip_key)
-    if config.pca_lighting:
-      image = augment.pca_lighting(image, lighting_key, eigval, eigvec,
-                                   config.pca_lighting_std, config.pca_lighting_scale)
-    return image
-
-  return fn
-
-
-def _train_patch(config):
-  """(square, key) -> what the device needs to finish §4.1's training patch (on_device):
-  {'image': uint8 patch, 'crop': int32 [top, left, flipped], 'lighting': float32 RGB shift}.
-  The same draws from the same keys as `_train_augment`."""
-  eigval, eigvec = _pca(config)
-  size = config.image_size
-
-  def fn(square, key):
-    square = augment.to_uint8(square)
-    crop_key, flip_key, lighting_key = tf.unstack(augment.split_key(key, 3))
-    if config.random_crop:
-      top, left = augment.random_crop_offsets(square, size, crop_key)
-    else:
-      top, left = augment.center_offsets(square, size)
-    patch = augment.crop(square, top, left, size)
-    flip = augment.flip_decision(flip_key) if config.random_flip else tf.constant(False)
-    patch = tf.cond(flip, lambda: augment.horizontal_flip(patch), lambda: patch)
-    if config.pca_lighting:
-      shift = augment.lighting_offset(lighting_key, eigval, eigvec, config.pca_lighting_std,
-                                      config.pca_lighting_scale)
-    else:
-      shift = tf.zeros([3])
-    return {'image': patch, 'crop': tf.stack([top, left, tf.cast(flip, tf.int32)]),
-            'lighting': shift}
-
-  return fn
+  return augment.TrainAugment(config.image_size, config.random_crop, config.random_flip,
+                              config.pca_lighting, eigval, eigvec, config.pca_lighting_std,
+                              config.pca_lighting_scale)
 
 
 def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
@@ -334,7 +316,9 @@ def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
     return _repeat(_synthetic_batch(config, b, jax.process_index()))
   if isinstance(split, data_sources.IndexedSplit):
     _check_usable(split)
-  augment_fn = _train_patch(config) if on_device else _train_augment(config, mean)
+  augmenter = _train_augment(config)
+  augment_fn = (augmenter.uint8_patch if on_device
+                else functools.partial(augmenter.float_patch, mean=mean))
   seed = tf.constant(config.seed, tf.int64)
 
   def preprocess(el):

@@ -47,12 +47,15 @@ from absl import logging
 import numpy as np
 
 from alexnet_jax import cli
+from alexnet_jax import config as config_lib
+from alexnet_jax import errors
 from alexnet_jax import paths
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources
 from alexnet_jax.data import stats as data_stats
 from alexnet_jax.errors import DataError
 from alexnet_jax.errors import UserError
+from alexnet_jax.progress import format_duration
 
 # Measured on 256x256 squares of photographs (BENCHMARKS.md): quality 90 leaves an RMS error of
 # 3.6-4.3 levels of 255, below the colour shift §4.1's PCA lighting adds on purpose (std about
@@ -120,7 +123,7 @@ def plan(settings: Settings) -> tuple[tuple[str, ...], list[Shard]]:
     class_index = {name: i for i, name in enumerate(classes)}
     for split in settings.splits:
       # pylint: disable-next=protected-access
-      _, files = sources._list_folder(sources._split_dir(config, split))
+      _, files = sources.list_folder(sources.split_dir(config, split))
       unknown = sorted({c for _, c in files if c not in class_index})
       if unknown:
         raise DataError(f'Classes {unknown[:5]} of split {split!r} are not folders of the train '
@@ -135,9 +138,9 @@ def plan(settings: Settings) -> tuple[tuple[str, ...], list[Shard]]:
   classes = tuple(builder.info.features['label'].names)
   for split in settings.splits:
     try:
-      n = sources._tfds_num_examples(builder, split)  # pylint: disable=protected-access
+      n = sources.tfds_num_examples(builder, split)  # pylint: disable=protected-access
     except (KeyError, ValueError) as e:
-      raise DataError(f'{settings.source} has no split {split!r} ({cli.one_line(e)}); its splits '
+      raise DataError(f'{settings.source} has no split {split!r} ({errors.one_line(e)}); its splits '
                       f'are {sorted(builder.info.splits)}') from None
     ranges = [(a, min(a + settings.shard_size, n)) for a in range(0, n, settings.shard_size)]
     shards.extend(Shard(split, i, len(ranges), r) for i, r in enumerate(ranges))
@@ -309,7 +312,7 @@ def prepare(settings: Settings, output: str, workers: int | None = None) -> dict
     rate = done_images / max(time.time() - t0, 1e-9)
     logging.info('%d/%d shards (%s), %d/%d images, %.0f images/s, ETA %s', len(progress.done),
                  len(shards), shard.filename, total_images - todo_images + done_images,
-                 total_images, rate, cli.format_duration((todo_images - done_images) / rate))
+                 total_images, rate, format_duration((todo_images - done_images) / rate))
 
   by_key = {s.key: s for s in todo}
   if workers == 1:
@@ -417,8 +420,7 @@ def main(argv) -> None:
   if f.source == 'folder' and not f.data_dir:
     raise UserError('--source=folder needs --data_dir=ROOT (ROOT/<split>/<class>/*.jpg).')
   if f.source != 'folder':
-    from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
-    if f.source in config_lib.BUILTIN_DATASETS or not config_lib._is_registered_tfds(  # pylint: disable=protected-access
+    if f.source in config_lib.BUILTIN_DATASETS or not config_lib.is_registered_tfds(
         f.source):
       raise UserError(f"--source={f.source!r}: 'folder' or a dataset of the installed "
                       'tensorflow-datasets (e.g. imagenet2012).')
@@ -428,7 +430,7 @@ def main(argv) -> None:
                       shard_size=f.shard_size)
   if settings.source == 'folder':  # a missing split folder: one line, and no --output made
     for split in settings.splits:
-      sources._split_dir(_source_config(settings), split)  # pylint: disable=protected-access
+      sources.split_dir(_source_config(settings), split)  # pylint: disable=protected-access
   cli.prepare_output(f.output, folder=True)
   index = prepare(settings, f.output, f.workers)
   for split, info in index['splits'].items():

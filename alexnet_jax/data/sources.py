@@ -4,13 +4,14 @@ Every source ends in the same thing, §2's "square" image: the short side rescal
 `config.resize_size` and the central resize_size x resize_size patch kept, float32 RGB on a
 0..255 scale. `alexnet_jax.data.pipeline` does the rest (mean, crops, flips, lighting, batching).
 
-Two kinds of split:
+Four kinds of split:
 - `IndexedSplit`: examples readable in any order by index (folder, digits, a TFDS split held in
   memory when config.cache is set). Training draws an exact per-epoch permutation.
 - `StreamSplit`: a TFDS split read from its files in a fixed order (ImageNet); training shuffles
   it with a seeded shuffle buffer.
 - `ShardedSplit`: a split prepared once into 256x256 JPEG shards (`alexnet_jax.data.prepare`,
   dataset='prepared'): read by example ranges of its files, whose counts the index holds.
+- `SyntheticSplit`: random images made on the fly (dataset='synthetic'), for speed checks.
 """
 
 from __future__ import annotations
@@ -243,13 +244,13 @@ def tfds_builder(config):
                     builder.name, builder.data_dir)
     builder.download_and_prepare()
   if jax.process_count() > 1:
-    from alexnet_jax.core import distributed  # pylint: disable=g-import-not-at-top
+    from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.barrier(f'alexnet_jax: {builder.name} prepared', timeout_s=7 * 24 * 3600)
     builder = tfds.builder(config.dataset, data_dir=_data_dir(config))
   return builder
 
 
-def _tfds_num_examples(builder, split: str) -> int:
+def tfds_num_examples(builder, split: str) -> int:
   try:
     return builder.info.splits[split].num_examples
   except KeyError:  # split sizes unknown (e.g. tfds.testing.mock_data): count the records.
@@ -286,7 +287,7 @@ def _tfds_in_memory(name: str, data_dir: str | None, split: str) -> tuple[np.nda
 # ---------------------------------------------------------------------------- image folders
 
 
-def _split_dir(config, split: str) -> str:
+def split_dir(config, split: str) -> str:
   path = str(paths.resolve(_data_dir(config) or '.') / split)
   if not config.data_dir or not paths.resolve(path).is_dir():
     raise DataError(f"dataset='folder' expects images in <data_dir>/{split}/<class>/*.jpg; "
@@ -295,38 +296,38 @@ def _split_dir(config, split: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _list_folder(split_dir: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def list_folder(folder: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
   """(class folder names, sorted (path, class name) pairs) of one split folder.
 
   A class folder without images stays a class, so that labels mean the same in every split and
   every run; it is named in one warning (per split folder: the listing is cached).
   """
-  classes = tuple(sorted(p.name for p in paths.resolve(split_dir).iterdir() if p.is_dir()))
+  classes = tuple(sorted(p.name for p in paths.resolve(folder).iterdir() if p.is_dir()))
   files = []
   for name in classes:
-    for root, _, filenames in (paths.resolve(split_dir) / name).walk():
+    for root, _, filenames in (paths.resolve(folder) / name).walk():
       files.extend((str(root / f), name) for f in filenames
                    if f.lower().endswith(IMAGE_EXTENSIONS))
   files.sort()
   if not files:
-    raise DataError(f'No images ({"/".join(IMAGE_EXTENSIONS)}) in {split_dir}/<class>/: '
+    raise DataError(f'No images ({"/".join(IMAGE_EXTENSIONS)}) in {folder}/<class>/: '
                     f'the folder has no usable images.')
   empty = sorted(set(classes) - {c for _, c in files})
   if empty:
     logging.warning('Class folders of %s with no %s images: %s. They stay classes (the labels '
-                    'of the others do not shift), with no examples in this split.', split_dir,
+                    'of the others do not shift), with no examples in this split.', folder,
                     '/'.join(IMAGE_EXTENSIONS), ', '.join(empty))
   return classes, tuple(files)
 
 
 def folder_class_names(config) -> tuple[str, ...]:
   """Class names of the 'folder' source: the sorted folder names of the train split."""
-  return _list_folder(_split_dir(config, config.train_split))[0]
+  return list_folder(split_dir(config, config.train_split))[0]
 
 
 def _folder_split(config, split: str) -> IndexedSplit:
   classes = folder_class_names(config)
-  _, files = _list_folder(_split_dir(config, split))
+  _, files = list_folder(split_dir(config, split))
   class_index = {name: i for i, name in enumerate(classes)}
   unknown = sorted({c for _, c in files if c not in class_index})
   if unknown:
@@ -340,7 +341,7 @@ def _folder_split(config, split: str) -> IndexedSplit:
 
   return IndexedSplit(labels=np.array([class_index[c] for _, c in files], np.int32), load=load,
                       describe=lambda i: files[i][0], may_fail=True,
-                      location=_split_dir(config, split))
+                      location=split_dir(config, split))
 
 
 # ---------------------------------------------------------------------------- digits
@@ -476,7 +477,7 @@ def dataset_info(config) -> DatasetInfo:
     return DatasetInfo(10, sizes[0], sizes[1], tuple(str(i) for i in range(10)))
   if config.dataset == 'folder':
     classes = folder_class_names(config)
-    sizes = [len(_list_folder(_split_dir(config, s))[1])
+    sizes = [len(list_folder(split_dir(config, s))[1])
              for s in (config.train_split, config.eval_split)]
     return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
   if config.dataset == PREPARED:
@@ -486,8 +487,8 @@ def dataset_info(config) -> DatasetInfo:
     return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
   builder = tfds_builder(config)
   label = builder.info.features['label']
-  return DatasetInfo(label.num_classes, _tfds_num_examples(builder, config.train_split),
-                     _tfds_num_examples(builder, config.eval_split), tuple(label.names))
+  return DatasetInfo(label.num_classes, tfds_num_examples(builder, config.train_split),
+                     tfds_num_examples(builder, config.eval_split), tuple(label.names))
 
 
 def _digits_split(arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -521,5 +522,5 @@ def open_split(config, split: str) -> Split:
     return IndexedSplit(labels=labels, load=lambda i: decode(tf.gather(encoded, i)),
                         describe=lambda i: f'{config.dataset}[{split}][{i}]', may_fail=False,
                         location=f'{config.dataset}[{split}]')
-  return StreamSplit(num_examples=_tfds_num_examples(builder, split),
+  return StreamSplit(num_examples=tfds_num_examples(builder, split),
                      records=functools.partial(_tfds_records, builder, split), decode=decode)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import cli
+from alexnet_jax import config as config_lib
 from alexnet_jax import paths
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources as data_sources
@@ -299,18 +300,16 @@ def main(argv) -> None:
   """Computes the statistics of the configured training split and writes --output."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import run as run_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if (f.config is None) == (f.workdir is None):
     raise app.UsageError('Give either --config=FILE or --workdir=RUN.')
   if f.workdir:
-    config = run_lib.read_config(f.workdir)
+    config = config_lib.read_saved(f.workdir)[0]
     output = f.output or str(paths.resolve(f.workdir) / STATS_FILENAME)
   else:
     config, output = f.config, f.output or 'stats.npz'
-  from alexnet_jax.core import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, num_devices=1)
   num_images = config.stats_num_images if f.num_images is None else f.num_images
   stats = compute_stats(config, num_images)

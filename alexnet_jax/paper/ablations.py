@@ -32,6 +32,7 @@ import numpy as np
 import ml_collections
 
 from alexnet_jax import cli
+from alexnet_jax import paths
 from alexnet_jax.core import metrics as metrics_lib
 from alexnet_jax.core import train
 from alexnet_jax.data import pipeline as input_pipeline
@@ -184,7 +185,7 @@ def main(argv: Sequence[str]) -> None:
                          workdir=f.workdir, overrides=overrides)
   result['markdown'] = markdown_table(
       result, {n: what for n, (what, _) in module.ABLATIONS.items()}, module.PAPER_EFFECTS)
-  cli.write_json(f.output, result)
+  paths.write_json(f.output, result)
   for name, s in result['summary'].items():
     print(f'{name:<22} top-1 error {100 * s["mean_top1_error"]:6.2f}% ± '
           f'{100 * s["std_top1_error"]:.2f}% over {s["num_seeds"]} seeds')

@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 
 from alexnet_jax import cli
+from alexnet_jax import paths
 from alexnet_jax.core import evaluation
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.errors import UserError
@@ -141,7 +142,7 @@ def main(argv: Sequence[str]) -> None:
   report = evaluate_workdirs(f.workdirs or [], split=f.split, which=f.checkpoint, crops=f.crops)
   print(format_table(report))
   if f.output:
-    cli.write_json(f.output, report)
+    paths.write_json(f.output, report)
     print(f'Wrote {f.output}')
 
 

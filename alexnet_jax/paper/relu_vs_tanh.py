@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from alexnet_jax import cli
+from alexnet_jax import paths
 from alexnet_jax.core import metrics
 from alexnet_jax.core import ops
 from alexnet_jax.data import augment
@@ -231,7 +232,7 @@ def main(argv: Sequence[str]) -> None:
     print(f'{_speed_text(result["speedup"])} to 25% training error (the paper: ReLU about 6x '
           'faster on CIFAR-10).')
   if f.json:
-    cli.write_json(f.json, result, indent=1)
+    paths.write_json(f.json, result, indent=1)
   print(f'Wrote {f.output}')
 
 

@@ -35,9 +35,9 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import cli
+from alexnet_jax import config as config_lib
 from alexnet_jax import paths
 from alexnet_jax.core import checkpoints
-from alexnet_jax.core import config as config_lib
 from alexnet_jax.core import models
 from alexnet_jax.core import optim
 from alexnet_jax.core import run as run_lib

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from alexnet_jax.cli import one_line
+from alexnet_jax.errors import one_line
 from alexnet_jax.errors import UserError
 
 # torchvision's module -> our layer.

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from alexnet_jax import paths
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.errors import RunError
 
@@ -257,7 +258,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
   Checks every field (`check_fields`), then the relations between fields: crops no larger than
   the square, batches that split over `num_devices` (default: all JAX devices), a dataset that
-  exists here. Touches no network: a TFDS name is checked against the builders registered in
+  exists here. Whether the strategy can be laid out on the devices is `core.parallel.check`'s. Touches no network: a TFDS name is checked against the builders registered in
   the installed tensorflow-datasets.
   """
   check_fields(config)
@@ -279,21 +280,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config[name] % num_devices:
       raise _fail(name, config[name], f'must divide evenly over the {num_devices} devices '
                   f'(try a multiple of {num_devices})')
-  from alexnet_jax.core import parallel  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  parallel.check(config, num_devices, num_devices // jax.process_count())
   if config.dataset == 'folder' and not config.data_dir:
     raise _fail('data_dir', config.data_dir,
                 "dataset 'folder' needs --config.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")
   if config.dataset == 'prepared' and not config.data_dir:
     raise _fail('data_dir', config.data_dir, "dataset 'prepared' needs --config.data_dir=DIR, "
                 'the output of `python -m alexnet_jax.data.prepare`')
-  if config.dataset not in BUILTIN_DATASETS and not _is_registered_tfds(config.dataset):
+  if config.dataset not in BUILTIN_DATASETS and not is_registered_tfds(config.dataset):
     raise _fail('dataset', config.dataset, f'is neither one of {BUILTIN_DATASETS} nor a dataset '
                 'of the installed tensorflow-datasets (e.g. imagenet2012, mnist)')
 
 
-def _is_registered_tfds(name: str) -> bool:
+def is_registered_tfds(name: str) -> bool:
   """Whether `name` (optionally name:version or name/config) is a builder that the installed
   tensorflow-datasets registers. Unlike tfds.list_builders(), asks no community index online."""
   try:
@@ -307,8 +305,24 @@ def _is_registered_tfds(name: str) -> bool:
 
 # ---------------------------------------------------------------------------- saved configs
 
+# A run's saved config, in its workdir.
+FILENAME = 'config.json'
 # Keys of config.json that are records of the run, not config fields.
 RECORD_KEYS = ('resolved_kernels',)
+
+
+def read_saved(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """(config, records) that the run in `workdir` saved (`from_json`); RunError naming what is
+  missing when `workdir` is not a run's."""
+  workdir = paths.resolve(workdir)
+  if not workdir.is_dir():
+    raise RunError(f'{workdir} is not a directory: pass the workdir of a trained run '
+                   '(`python main.py --config=... --workdir=...` makes one).')
+  path = workdir / FILENAME
+  if not path.exists():
+    raise RunError(f'{path} does not exist: {workdir} is not the workdir of a run (train one '
+                   'with `python main.py --config=... --workdir=...`).')
+  return from_json(path.read_text(encoding='utf-8'), str(path))
 
 
 def to_json(config: ml_collections.ConfigDict, **records: Any) -> str:
