@@ -7,7 +7,7 @@
 
 Every config field can be overridden on the command line, e.g. --config.batch_size=256.
 Rerunning a training command on the same workdir resumes from its latest checkpoint.
-A run over several hosts runs the same command on each (README: "Many devices, many hosts");
+A run over several hosts runs the same command on each (docs/devices_and_hosts.md);
 on Cloud TPU and SLURM the processes find each other by themselves.
 A bad value or a missing path prints one line that says what to fix, and exits with status 2.
 """

@@ -156,7 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # >0 stops after this many steps (tests, benchmarks).
   c.num_eval_steps = -1  # >0 evaluates only this many batches (tests).
 
-  # ---- Parallelism (alexnet_jax/core/parallel.py, README "Scaling experiments") ----
+  # ---- Parallelism (alexnet_jax/core/parallel.py, docs/scaling.md) ----
   # 'data': pmap data parallelism, the whole network on every device. 'columns': §3.2's split,
   # each of two devices holding one column (times a data axis over the rest). 'hybrid':
   # Krizhevsky 2014's "one weird trick", convolutions data-parallel, FC layers split.

@@ -11,7 +11,7 @@ config, bit for bit: parameters, optimizer state, step, RNG and the metrics hist
   a config that cannot continue the checkpoints, and one that safely can
 
 The soak variant runs many more trials: ALEXNET_JAX_SOAK=1 python -m pytest -s tests/test_faults.py
-(README, "Reliability"). Every test prints a summary line of what it tried; with
+(docs/reliability.md). Every test prints a summary line of what it tried; with
 ALEXNET_JAX_FAULT_REPORT=FILE they are also appended to FILE as JSON lines.
 """
 

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from alexnet_jax.bench import pipeline as pipeline_benchmark
@@ -26,3 +27,16 @@ def test_benchmark_reports_a_throughput(tmp_path):
   result = pipeline_benchmark.benchmark(alexnet.get_config(), str(tmp_path), batches=2, warmup=1,
                                       batch_size=4)
   assert result['images_per_sec'] > 0 and result['num_files'] == 8
+
+
+def test_readers_are_compared_on_the_same_prepared_images(tmp_path):
+  pipeline_benchmark.write_jpegs(str(tmp_path / 'jpegs'), 16, long_side=300)
+  config = alexnet.get_config()
+  config.batch_size = 4
+  rows = pipeline_benchmark.compare_readers(config, str(tmp_path / 'jpegs'), batches=2,
+                                            warmup=1, cores=(1,))
+  (row,) = rows
+  assert row['cores'] == 1 and row['images'] == 16 and row['batch_size'] == 4
+  for key in ('ours', 'plain_tf_data', 'bare_decode'):
+    assert row[key] > 0, key
+  assert row['ours_vs_bare_decode'] == pytest.approx(row['ours'] / row['bare_decode'], abs=2e-3)

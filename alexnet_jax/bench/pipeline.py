@@ -120,6 +120,84 @@ def prepared_copy(config, directory: str) -> tuple[str, dict]:
   return output, out
 
 
+def _images_per_sec(batches_iter, batches: int, warmup: int, batch_size: int) -> float:
+  """Images/second of `batches` batches of `batch_size` after `warmup` untimed ones."""
+  for _ in range(warmup):
+    next(batches_iter)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(batches_iter)
+  return batches * batch_size / (time.perf_counter() - start)
+
+
+def _on_cores(n: int):
+  """A context pinning this process (every thread of TensorFlow's pools) to its first n CPUs."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  @contextlib.contextmanager
+  def pinned():
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, set(allowed[:n]))
+    try:
+      yield
+    finally:
+      os.sched_setaffinity(0, set(allowed))
+
+  return pinned()
+
+
+def compare_readers(config, directory: str, batches: int, warmup: int,
+                    cores: tuple[int, ...] = (1, 2)) -> list[dict]:
+  """On the prepared shards of directory/train, for each core count: ours (`train_iterator`,
+  uint8 patches, crop positions and lighting shifts for the device), a plain tf.data reader
+  of the same shards (parse, decode, random crop, flip, batch: nothing else) and the bare
+  decode of the same JPEG bytes held in memory; images/second and ours as a ratio to each."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import stats  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.dataset, config.eval_split = 'prepared', 'train'
+  config.data_dir, _ = prepared_copy(config, directory)
+  b, size = config.batch_size, config.image_size
+  files = list(sources.open_split(config, 'train').files)
+  records = tf.data.TFRecordDataset(files)
+  jpegs = [r.numpy() for r in records.map(lambda r: sources.parse_prepared(r)['encoded'])]
+
+  def plain():
+    def example(record):
+      ex = sources.parse_prepared(record)
+      image = tf.io.decode_jpeg(ex['encoded'], channels=3)
+      image = tf.image.random_crop(image, [size, size, 3])
+      return tf.image.random_flip_left_right(image), ex['label']
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).repeat()
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(b, drop_remainder=True)
+    return iter(ds.prefetch(tf.data.AUTOTUNE))
+
+  def bare():
+    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(
+        lambda x: tf.io.decode_jpeg(x, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+    return iter(ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+  results = []
+  with tempfile.TemporaryDirectory() as workdir:
+    mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
+    for n in cores:
+      if n > cpus():
+        continue
+      with _on_cores(n):
+        ours_iter = input_pipeline.train_iterator(config, mean=mean, on_device=True)
+        row = {'cores': n, 'ours': _images_per_sec(ours_iter, batches, warmup, b)}
+        ours_iter.close()
+        row['plain_tf_data'] = _images_per_sec(plain(), batches, warmup, b)
+        row['bare_decode'] = _images_per_sec(bare(), batches, warmup, b)
+      row.update(ours_vs_plain=row['ours'] / row['plain_tf_data'],
+                 ours_vs_bare_decode=row['ours'] / row['bare_decode'],
+                 images=len(jpegs), batch_size=b)
+      results.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+  return results
+
+
 def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int | None = None,
               antialias: bool | None = None, prepared: bool = False) -> dict:
   """Times train_iterator of `config` on directory/train (or its prepared copy); returns
@@ -170,6 +248,8 @@ def _define_flags() -> None:
                     'resize_antialias).')
   flags.DEFINE_bool('prepared', False, 'Prepare the JPEGs once (timed) and read the prepared '
                     'shards, uint8 to the device, instead of the full-size JPEGs.')
+  flags.DEFINE_bool('compare', False, 'On the prepared shards, on 1 and 2 cores: ours against a '
+                    'plain tf.data reader and against the bare JPEG decode (ratios).')
 
 
 def main(argv) -> None:
@@ -188,6 +268,18 @@ def main(argv) -> None:
       start = time.perf_counter()
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
+    if f.compare:
+      config = f.config
+      if f.batch_size:
+        config.batch_size = f.batch_size
+      rows = compare_readers(config, directory, f.batches, f.warmup)
+      print(f'{"cores":>5s} {"ours":>8s} {"plain":>8s} {"decode":>8s} {"ours/plain":>10s} '
+            f'{"ours/decode":>11s}   (images/s, {rows[0]["images"]} prepared images)')
+      for r in rows:
+        print(f'{r["cores"]:5d} {r["ours"]:8.1f} {r["plain_tf_data"]:8.1f} '
+              f'{r["bare_decode"]:8.1f} {r["ours_vs_plain"]:10.2f} {r["ours_vs_bare_decode"]:11.2f}')
+        print(json.dumps(r))
+      return
     result = benchmark(f.config, directory, f.batches, f.warmup, f.batch_size, f.antialias,
                        f.prepared)
   if 'prepare_images_per_sec' in result:

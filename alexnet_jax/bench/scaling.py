@@ -17,7 +17,7 @@ one host's devices runs on process 0's devices (the others wait); a larger one t
 hosts, in process order, as a training run would.
 
 It also projects each point onto paper: the one-device step time (the compute of one device's
-share, which every strategy keeps about equal, see README "Scaling experiments") plus the
+share, which every strategy keeps about equal, see docs/scaling.md) plus the
 counted bytes, those within a host at --intra_host_gb_s and those between hosts at
 --inter_host_gb_s per device, and --latency_us per collective, without overlap (the pessimistic
 bound); --step_ms gives that one-device time instead, to plan for an accelerator that is not at

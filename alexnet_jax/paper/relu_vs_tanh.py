@@ -15,7 +15,7 @@ For each activation a few learning rates are tried (SGD, momentum 0.9, batch 64,
 weight decay) and the one that reaches 25% training error first is plotted. The training error is
 measured on the whole training set, with the current parameters, a few times per epoch.
 Default budget (4 epochs, 4 learning rates, 2 activations): 30-40 s per run, about five minutes
-on a 2-core CPU; the README's figure (2 epochs, 3 rates, 11 measurements per epoch) about two.
+on a 2-core CPU; the figure of docs/reproducing.md (2 epochs, 3 rates, 11 measurements per epoch) about two.
 """
 
 from __future__ import annotations
