@@ -159,3 +159,17 @@ def test_every_documented_command_answers_help():
     for c, p in procs:
       out, _ = p.communicate(timeout=120)
       assert p.returncode == 0 and '--' in out, (c, p.returncode, out[-2000:])
+
+
+def test_no_function_imports_what_its_module_already_imported():
+  modules = _modules()
+  repeated = []
+  for module, path in sorted(modules.items()):
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    top = {(getattr(n, 'module', None), a.name, a.asname) for n in tree.body
+           if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in tree.body:
+        repeated += [f'{module}:{node.lineno} {a.name}' for a in node.names
+                     if (getattr(node, 'module', None), a.name, a.asname) in top]
+  assert not repeated, '\n'.join(repeated)
