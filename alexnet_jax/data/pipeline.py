@@ -26,7 +26,7 @@ same keys, and the device's mean subtraction and lighting give the host path's v
 Unreadable images (an empty, truncated or permission-denied file, or one that is no image;
 'folder' only: TFDS validated its images when it wrote them) never end a run. Training: a position
 whose image cannot be decoded takes the next example of the epoch's order instead (up to
-`FALLBACK_CANDIDATES` tries), so every batch is full and the position -> example map stays a
+`sources.FALLBACK_CANDIDATES` tries), so every batch is full and the position -> example map stays a
 function of (seed, e, g): resume stays exact; each such file is logged once, with its path, the
 reason and the count so far. Evaluation: unreadable images are left out and logged at the end,
 each with its path and reason; the accuracy is over the readable ones (masks), and DatasetInfo's
@@ -35,7 +35,6 @@ counts are of files, since reading every header up front would take too long for
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import math
@@ -52,13 +51,7 @@ from alexnet_jax.data import stats as data_stats
 from alexnet_jax.data.sources import DatasetInfo
 from alexnet_jax.errors import DataError
 
-# Tries per training position for sources with unreadable files: the image at the position and
-# then the following ones in the epoch's order. Eight unreadable images in a row of a shuffled
-# order means the folder is mostly broken; that position is then dropped (and the batch filled
-# from the next positions, which shifts that epoch's remaining batches).
-FALLBACK_CANDIDATES = 8
 PADDING_LABEL = 0  # label of the padding examples of the last eval batch (mask False).
-_FOREVER = 2**62  # epochs
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -114,180 +107,6 @@ def _pca(config) -> tuple[np.ndarray, np.ndarray]:
   return augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
 
 
-def _check_usable(split: data_sources.IndexedSplit) -> None:
-  """Raises DataError if not a single image of a split with unreadable files decodes."""
-  if not split.may_fail:
-    return
-  probe = tf.data.Dataset.range(split.num_examples).map(split.load).ignore_errors().take(1)
-  if not list(probe):
-    raise DataError(f'None of the {split.num_examples} images in {split.location} can be '
-                    f'decoded (the first: {split.unreadable(0)}): the folder has no usable '
-                    'images.')
-
-
-def _synthetic_batch(config, batch: int, seed: int) -> dict[str, np.ndarray]:
-  key = tf.constant([config.seed, seed], tf.int64)
-  size = config.image_size
-  # Zero-mean values of the scale of mean-subtracted pixels.
-  image = tf.random.stateless_uniform([batch, size, size, 3], key, -augment.PIXEL_MAX / 2,
-                                      augment.PIXEL_MAX / 2)
-  label = tf.random.stateless_uniform([batch], key, 0, config.num_classes, dtype=tf.int32)
-  return {'image': image.numpy(), 'label': label.numpy()}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Order:
-  """Where this process's training examples sit in the global batch order, and where a resumed
-  run starts in it: the one statement of both, for every kind of split.
-
-  `position` is the index in the epoch of the global batch order: global step k holds positions
-  [k * B, (k + 1) * B), and process p takes [k * B + p * b, k * B + (p + 1) * b).
-  """
-  global_batch: int  # B
-  per_process: int  # b
-  process: int  # p
-  steps: int  # steps per epoch
-  start_step: int
-
-  @property
-  def start_epoch(self) -> int:
-    return self.start_step // self.steps
-
-  @property
-  def share(self) -> int:
-    """This process's examples per epoch."""
-    return self.steps * self.per_process
-
-  def position(self, local):
-    """Index in this process's share of the epoch -> position in the global order."""
-    b = self.per_process
-    return (local // b) * self.global_batch + self.process * b + local % b
-
-  def first_local(self, epoch):
-    """The first local index to read in `epoch`: the resume step's, in the first epoch only."""
-    return tf.where(epoch == self.start_epoch,
-                    np.int64(self.start_step % self.steps * self.per_process), np.int64(0))
-
-
-def _train_positions(config, split, start_step: int, steps: int) -> tf.data.Dataset:
-  """{'epoch', 'position', ...} of this process's training examples from start_step on (the
-  positions of `_Order`)."""
-  order_of = _Order(config.batch_size, _per_process(config.batch_size, 'batch_size'),
-                    jax.process_index(), steps, start_step)
-  position, skip = order_of.position, order_of.first_local
-  seed = tf.constant(config.seed, tf.int64)
-
-  if isinstance(split, data_sources.ShardedSplit):
-    return _sharded_train_positions(config, split, order_of)
-  if isinstance(split, data_sources.IndexedSplit):
-    n = split.num_examples
-    tries = FALLBACK_CANDIDATES if split.may_fail else 1
-
-    def epoch_positions(epoch):
-      order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                       seed=tf.stack([seed, epoch]))
-
-      def candidates(local):  # the example at the position, then the following ones
-        pos = position(local)
-        following = (pos + tf.range(tries, dtype=tf.int64)) % n
-        return {'epoch': epoch, 'position': pos, 'candidates': tf.gather(order, following)}
-
-      return tf.data.Dataset.range(skip(epoch), order_of.share).map(candidates)
-  else:
-    records = split.records(order_of.process, jax.process_count())
-
-    def epoch_positions(epoch):
-      shuffle_seed = tf.random.stateless_uniform([], tf.stack([seed, epoch]), minval=None,
-                                                 maxval=None, dtype=tf.int64)
-      ds = records.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(order_of.share)
-      ds = ds.enumerate()
-
-      def with_position(local, ex):
-        return {'epoch': epoch, 'position': position(local), 'encoded': ex['image'],
-                'label': ex['label']}
-
-      return ds.skip(skip(epoch)).map(with_position)
-
-  return tf.data.Dataset.range(order_of.start_epoch, _FOREVER).flat_map(epoch_positions)
-
-
-def _sharded_train_positions(config, split: data_sources.ShardedSplit,
-                             order_of: _Order) -> tf.data.Dataset:
-  """`_train_positions` of a prepared split (see the module docstring), with 'encoded'."""
-  p, share = order_of.process, order_of.share
-  window = min(config.shuffle_buffer, share)
-  num_windows = -(-share // window)
-  seed = tf.constant(config.seed, tf.int64)
-  files = tf.constant(split.files, tf.string)
-  counts = tf.constant(split.counts, tf.int64)
-
-  def epoch_positions(epoch):
-    order = tf.random.experimental.stateless_shuffle(tf.range(len(split.files), dtype=tf.int64),
-                                                     seed=tf.stack([seed, epoch]))
-    ordered_counts = tf.gather(counts, order)
-    ends = tf.cumsum(ordered_counts)
-    starts = ends - ordered_counts
-    first_local = order_of.first_local(epoch)
-
-    def load_window(w):  # window w of this process's slice, read whole and permuted
-      lo = p * share + w * window
-      hi = tf.minimum(lo + window, (p + 1) * share)
-      takes = tf.maximum(tf.minimum(hi, ends) - tf.maximum(lo, starts), 0)
-      used = takes > 0
-      records = data_sources.read_segments(
-          tf.boolean_mask(tf.gather(files, order), used),
-          tf.boolean_mask(tf.maximum(lo - starts, 0), used), tf.boolean_mask(takes, used))
-      ex = data_sources.parse_prepared(records.batch(hi - lo).get_single_element())
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(hi - lo), seed=tf.random.experimental.stateless_fold_in(
-              tf.stack([seed, epoch]), lo))
-      local = w * window + tf.range(hi - lo)
-      return {'encoded': tf.gather(ex['encoded'], perm), 'label': tf.gather(ex['label'], perm),
-              'position': order_of.position(local)}
-
-    # The next window is read while this one is consumed.
-    windows = tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
-    ds = windows.prefetch(1).unbatch().skip(first_local % window)
-    return ds.map(lambda el: {**el, 'epoch': epoch})
-
-  return tf.data.Dataset.range(order_of.start_epoch, _FOREVER).flat_map(epoch_positions)
-
-
-def _load_train(split, ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Adds the square 'image' and 'label' to each position (and 'candidates', 'attempt': which
-  of them was used, for the log of unreadable ones)."""
-  if isinstance(split, (data_sources.StreamSplit, data_sources.ShardedSplit)):
-
-    def decode(el):
-      return {'epoch': el['epoch'], 'position': el['position'],
-              'image': split.decode(el['encoded']), 'label': el['label']}
-
-    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  labels = tf.constant(split.labels)
-
-  def load(index, attempt):
-    return {'image': split.load(index), 'label': tf.gather(labels, index), 'attempt': attempt}
-
-  def first(el):
-    return {**load(el['candidates'][0], 0), 'epoch': el['epoch'], 'position': el['position']}
-
-  def first_readable(el):
-    candidates = el['candidates']
-    tries = tf.data.Dataset.from_tensor_slices((candidates, tf.range(tf.size(candidates))))
-    # Lazily, in order: the next candidate is decoded only if the previous one raised.
-    tries = tries.map(load).ignore_errors().take(1)
-    return tries.map(lambda ex: {**ex, 'epoch': el['epoch'], 'position': el['position'],
-                                 'candidates': candidates})
-
-  if split.may_fail:
-    # Parallel over positions; with one output per position the deterministic interleave keeps
-    # the positions' order. In a short run on 2 cores it was within noise of the plain map
-    # (no spare candidates are decoded ahead: see _options).
-    return ds.interleave(first_readable, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True)
-  return ds.map(first, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def _train_augment(config) -> augment.TrainAugment:
   """§4.1's training augmentation as `config` sets it (with `_pca`'s lighting)."""
   eigval, eigvec = _pca(config)
@@ -312,10 +131,10 @@ def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
   steps = steps_per_epoch(config, info)
   b = _per_process(config.batch_size, 'batch_size')
   split = data_sources.open_split(config, config.train_split)
-  if isinstance(split, data_sources.SyntheticSplit):
-    return _repeat(_synthetic_batch(config, b, jax.process_index()))
-  if isinstance(split, data_sources.IndexedSplit):
-    _check_usable(split)
+  fixed = split.fixed_batches(config, b)
+  if fixed is not None:
+    return fixed
+  split.check_usable()
   augmenter = _train_augment(config)
   augment_fn = (augmenter.uint8_patch if on_device
                 else functools.partial(augmenter.float_patch, mean=mean))
@@ -329,15 +148,12 @@ def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
       out.update(candidates=el['candidates'], attempt=el['attempt'])
     return out
 
-  ds = _load_train(split, _train_positions(config, split, start_step, steps))
+  order = data_sources.TrainOrder(config.batch_size, b, jax.process_index(), jax.process_count(),
+                                  steps, start_step, config.seed, config.shuffle_buffer)
+  ds = split.train_examples(order)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
   return _log_unreadable_train(ds, split)
-
-
-def _repeat(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-  while True:
-    yield batch
 
 
 def _log_unreadable_train(ds: tf.data.Dataset, split) -> Iterator[dict[str, np.ndarray]]:
@@ -375,8 +191,10 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
   num_batches = num_eval_batches_of(source.num_examples, config)
   size, p, num_processes = config.image_size, jax.process_index(), jax.process_count()
   image_shape = [10, size, size, 3] if ten_crop else [size, size, 3]
-  if isinstance(source, data_sources.SyntheticSplit):
-    return _synthetic_eval(source, b, image_shape, num_batches)
+  fixed = source.fixed_batches(config, b, image_shape, num_batches)
+  if fixed is not None:
+    return fixed
+  source.check_usable()
 
   def preprocess(square, label, index):
     if on_device:
@@ -385,42 +203,15 @@ def eval_iterator(config, *, split: str | None = None, ten_crop: bool = False,
       image = augment.eval_patches(square, mean, size, ten_crop)
     return {'image': image, 'label': label, 'index': index, 'mask': True}
 
-  if isinstance(source, data_sources.IndexedSplit):
-    _check_usable(source)
-    labels = tf.constant(source.labels)
-    assigned = np.arange(p, source.num_examples, num_processes)
-    ds = tf.data.Dataset.from_tensor_slices(assigned).map(
-        lambda i: preprocess(source.load(i), tf.gather(labels, i), i),
-        num_parallel_calls=tf.data.AUTOTUNE)
-    if source.may_fail:
-      ds = ds.ignore_errors()
-  elif isinstance(source, data_sources.ShardedSplit):  # contiguous slices, sizes within one
-    n = source.num_examples
-    lo, hi = p * n // num_processes, (p + 1) * n // num_processes
-    ds = source.records(lo, hi).enumerate(lo).map(
-        lambda i, ex: preprocess(source.decode(ex['encoded']), ex['label'], i),
-        num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    ds = source.records(p, num_processes).enumerate().map(
-        lambda i, ex: preprocess(source.decode(ex['image']), ex['label'], i),
-        num_parallel_calls=tf.data.AUTOTUNE)
+  examples, assigned = source.eval_examples(p, num_processes)
+  ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(image_shape, tf.uint8 if on_device else tf.float32),
       'label': tf.constant(PADDING_LABEL, tf.int32),
       'index': tf.constant(-1, tf.int64), 'mask': False}).repeat()
   ds = ds.concatenate(padding).take(num_batches * b).batch(b)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _log_unreadable_eval(ds, source, assigned if isinstance(
-      source, data_sources.IndexedSplit) else None)
-
-
-def _synthetic_eval(source, b: int, image_shape: list[int],
-                    num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-  images = np.zeros([b] + image_shape, np.float32)
-  positions = jax.process_index() + jax.process_count() * np.arange(num_batches * b)
-  for k in range(num_batches):
-    mask = positions[k * b:(k + 1) * b] < source.num_examples
-    yield {'image': images, 'label': np.zeros([b], np.int32), 'mask': mask}
+  return _log_unreadable_eval(ds, source, assigned)
 
 
 def _log_unreadable_eval(ds: tf.data.Dataset, source,
@@ -429,7 +220,7 @@ def _log_unreadable_eval(ds: tf.data.Dataset, source,
   for batch in ds.as_numpy_iterator():
     seen.append(batch.pop('index')[batch['mask']])
     yield batch
-  if isinstance(source, data_sources.IndexedSplit) and source.may_fail:
+  if source.may_fail:
     skipped = np.setdiff1d(assigned, np.concatenate(seen))
     if len(skipped):
       logging.warning('Evaluation on %s left out %d unreadable images:\n  %s', source.location,

@@ -4,14 +4,16 @@ Every source ends in the same thing, §2's "square" image: the short side rescal
 `config.resize_size` and the central resize_size x resize_size patch kept, float32 RGB on a
 0..255 scale. `alexnet_jax.data.pipeline` does the rest (mean, crops, flips, lighting, batching).
 
-Four kinds of split:
+Each source answers the same questions, through one interface (`_Split`: its size, where it
+lives, this process's training examples of a `TrainOrder`, its slice for evaluation, a sample
+for statistics and figures, its unreadable files), chosen once by config.dataset (`_SOURCES`):
 - `IndexedSplit`: examples readable in any order by index (folder, digits, a TFDS split held in
   memory when config.cache is set). Training draws an exact per-epoch permutation.
 - `StreamSplit`: a TFDS split read from its files in a fixed order (ImageNet); training shuffles
   it with a seeded shuffle buffer.
 - `ShardedSplit`: a split prepared once into 256x256 JPEG shards (`alexnet_jax.data.prepare`,
   dataset='prepared'): read by example ranges of its files, whose counts the index holds.
-- `SyntheticSplit`: random images made on the fly (dataset='synthetic'), for speed checks.
+- `SyntheticSplit`: random images made whole (dataset='synthetic'), for speed checks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax import paths
+from alexnet_jax.data import augment
 from alexnet_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # 'folder' source, compared case-insensitively.
@@ -51,9 +54,93 @@ class DatasetInfo:
   class_names: tuple[str, ...]
 
 
+# Tries per training position for sources with unreadable files: the image at the position and
+# then the following ones in the epoch's order. Eight unreadable images in a row of a shuffled
+# order means the folder is mostly broken; that position is then dropped (and the batch filled
+# from the next positions, which shifts that epoch's remaining batches).
+FALLBACK_CANDIDATES = 8
+_FOREVER = 2**62  # epochs
+
+
 @dataclasses.dataclass(frozen=True)
-class IndexedSplit:
-  """A split whose examples can be read in any order by index."""
+class TrainOrder:
+  """Where this process's training examples sit in the global batch order, and where a resumed
+  run starts in it: the one statement of both, for every kind of split.
+
+  `position` is the index in the epoch of the global batch order: global step k holds positions
+  [k * B, (k + 1) * B), and process p takes [k * B + p * b, k * B + (p + 1) * b). Each split
+  maps an (epoch, position) to one of its examples in its own way (`Split.train_examples`).
+  """
+  global_batch: int  # B
+  per_process: int  # b
+  process: int  # p
+  num_processes: int
+  steps: int  # steps per epoch
+  start_step: int
+  seed: int
+  shuffle_buffer: int  # for splits read in a fixed order (shuffle buffer, prepared windows)
+
+  @property
+  def start_epoch(self) -> int:
+    return self.start_step // self.steps
+
+  @property
+  def share(self) -> int:
+    """This process's examples per epoch."""
+    return self.steps * self.per_process
+
+  def position(self, local):
+    """Index in this process's share of the epoch -> position in the global order."""
+    b = self.per_process
+    return (local // b) * self.global_batch + self.process * b + local % b
+
+  def first_local(self, epoch):
+    """The first local index to read in `epoch`: the resume step's, in the first epoch only."""
+    return tf.where(epoch == self.start_epoch,
+                    np.int64(self.start_step % self.steps * self.per_process), np.int64(0))
+
+  def epochs(self, epoch_examples: Callable[[tf.Tensor], tf.data.Dataset]) -> tf.data.Dataset:
+    """The examples of every epoch from the resume step's on."""
+    return tf.data.Dataset.range(self.start_epoch, _FOREVER).flat_map(epoch_examples)
+
+  def epoch_seed(self, epoch) -> tf.Tensor:
+    return tf.stack([tf.constant(self.seed, tf.int64), epoch])
+
+
+class _Split:
+  """What every split answers, whatever it reads (the pipeline, the statistics and the figures
+  ask only these):
+
+  - `num_examples`, `location`;
+  - `train_examples(order)`: this process's training examples of every epoch from the resume
+    step on, {'epoch', 'position', 'image' (the square), 'label'} (and 'candidates', 'attempt'
+    where images can be unreadable), the same for a given (seed, epoch, position) in any run;
+  - `eval_examples(process, count)`: this process's slice of the split, (square, label, index),
+    each example in exactly one process, and the indices it was given (for the log of the
+    unreadable ones) or None;
+  - `sample(n, spread)`: n examples for statistics and figures, {'square', 'label', 'index'},
+    with how they were chosen;
+  - `unreadable(index)` and `may_fail`: which images could not be read, and why;
+  - `fixed_batches(...)`: batches that need no reading at all (synthetic data), else None.
+  """
+
+  def check_usable(self) -> None:
+    """DataError when not one image of the split can be read (nothing to check by default)."""
+
+  def unreadable(self, index: int) -> str:
+    raise NotImplementedError(f'{type(self).__name__} has no unreadable images')
+
+  def fixed_batches(self, config, batch: int, image_shape: list[int] | None = None,
+                    num_batches: int = 0):
+    """Ready batches (training when image_shape is None, else evaluation), or None: read."""
+    del config, batch, image_shape, num_batches
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSplit(_Split):
+  """A split whose examples can be read in any order by index (folder, digits, a TFDS split held
+  in memory when config.cache is set). Training draws an exact per-epoch permutation."""
   labels: np.ndarray  # int32 [n]
   load: Callable[[tf.Tensor], tf.Tensor]  # int64 index -> square float32 image; may raise
   describe: Callable[[int], str]  # index -> where the example lives, for log messages
@@ -79,26 +166,158 @@ class IndexedSplit:
       return f'{where}: {reason.removeprefix(f"{where}; ")}'
     return f'{where}: unreadable once, readable on a second try'
 
+  def check_usable(self) -> None:
+    if not self.may_fail:
+      return
+    probe = tf.data.Dataset.range(self.num_examples).map(self.load).ignore_errors().take(1)
+    if not list(probe):
+      raise DataError(f'None of the {self.num_examples} images in {self.location} can be '
+                      f'decoded (the first: {self.unreadable(0)}): the folder has no usable '
+                      'images.')
+
+  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+    n, tries = self.num_examples, FALLBACK_CANDIDATES if self.may_fail else 1
+    labels = tf.constant(self.labels)
+
+    def load(index, attempt):
+      return {'image': self.load(index), 'label': tf.gather(labels, index), 'attempt': attempt}
+
+    def epoch_examples(epoch):
+      permutation = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                             seed=order.epoch_seed(epoch))
+
+      def candidates(local):  # the example at the position, then the following ones
+        pos = order.position(local)
+        following = (pos + tf.range(tries, dtype=tf.int64)) % n
+        return {'epoch': epoch, 'position': pos,
+                'candidates': tf.gather(permutation, following)}
+
+      return tf.data.Dataset.range(order.first_local(epoch), order.share).map(candidates)
+
+    def first(el):
+      return {**load(el['candidates'][0], 0), 'epoch': el['epoch'], 'position': el['position']}
+
+    def first_readable(el):
+      candidates = el['candidates']
+      tries_ = tf.data.Dataset.from_tensor_slices((candidates, tf.range(tf.size(candidates))))
+      # Lazily, in order: the next candidate is decoded only if the previous one raised.
+      tries_ = tries_.map(load).ignore_errors().take(1)
+      return tries_.map(lambda ex: {**ex, 'epoch': el['epoch'], 'position': el['position'],
+                                    'candidates': candidates})
+
+    ds = order.epochs(epoch_examples)
+    if self.may_fail:
+      # Parallel over positions; with one output per position the deterministic interleave
+      # keeps the positions' order. In a short run on 2 cores it was within noise of the plain
+      # map (no spare candidates are decoded ahead: see pipeline's options).
+      return ds.interleave(first_readable, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=True)
+    return ds.map(first, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def eval_examples(self, process: int, count: int):
+    labels = tf.constant(self.labels)
+    assigned = np.arange(process, self.num_examples, count)
+    ds = tf.data.Dataset.from_tensor_slices(assigned).map(
+        lambda i: (self.load(i), tf.gather(labels, i), i), num_parallel_calls=tf.data.AUTOTUNE)
+    return (ds.ignore_errors() if self.may_fail else ds), assigned
+
+  def sample(self, n: int, spread: Callable[[int, int], np.ndarray]):
+    """The examples at the indices `spread(num_examples, n)` (the caller's choice)."""
+    indices = np.asarray(spread(self.num_examples, n), np.int64)
+    labels = tf.constant(self.labels)
+    ds = tf.data.Dataset.from_tensor_slices(indices).map(
+        lambda i: {'square': self.load(i), 'label': tf.gather(labels, i), 'index': i},
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return (ds.ignore_errors() if self.may_fail else ds), indices
+
 
 @dataclasses.dataclass(frozen=True)
-class StreamSplit:
-  """A split read sequentially in a fixed order: {'image': encoded bytes, 'label'} records."""
+class StreamSplit(_Split):
+  """A TFDS split read from its files in a fixed order (ImageNet): {'image': encoded bytes,
+  'label'} records; training shuffles it with a seeded shuffle buffer."""
+  may_fail = False  # (not a field) nothing here is unreadable after its check
   num_examples: int
-  # (process_index, process_count) -> this process's share, always in the same order.
-  records: Callable[[int, int], tf.data.Dataset]
+  # (process_index, process_count) -> that process's share, always in the same order.
+  process_records: Callable[[int, int], tf.data.Dataset]
   decode: Callable[[tf.Tensor], tf.Tensor]  # encoded bytes -> square float32 image
+  location: str = 'a TFDS split'
+
+  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+    records = self.process_records(order.process, order.num_processes)
+
+    def epoch_examples(epoch):
+      shuffle_seed = tf.random.stateless_uniform([], order.epoch_seed(epoch), minval=None,
+                                                 maxval=None, dtype=tf.int64)
+      ds = records.shuffle(order.shuffle_buffer, seed=shuffle_seed).take(order.share)
+
+      def with_position(local, ex):
+        return {'epoch': epoch, 'position': order.position(local), 'encoded': ex['image'],
+                'label': ex['label']}
+
+      return ds.enumerate().skip(order.first_local(epoch)).map(with_position)
+
+    return _decoded(order.epochs(epoch_examples), self.decode)
+
+  def eval_examples(self, process: int, count: int):
+    return self.process_records(process, count).enumerate().map(
+        lambda i, ex: (self.decode(ex['image']), ex['label'], i),
+        num_parallel_calls=tf.data.AUTOTUNE), None
+
+  def sample(self, n: int, spread: Callable[[int, int], np.ndarray]):
+    """The first n records in the stored order: TFDS wrote them shuffled, a random sample."""
+    del spread
+    n = min(n, self.num_examples)
+    return self.process_records(0, 1).take(n).enumerate().map(
+        lambda i, ex: {'square': self.decode(ex['image']), 'label': ex['label'], 'index': i},
+        num_parallel_calls=tf.data.AUTOTUNE), None
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticSplit:
+class SyntheticSplit(_Split):
   """Random images and labels, nothing to decode: for benchmarks of the training loop."""
+  may_fail = False  # (not a field) nothing here is unreadable after its check
   num_examples: int
   num_classes: int
+  location: str = "dataset='synthetic'"
+
+  def fixed_batches(self, config, batch: int, image_shape: list[int] | None = None,
+                    num_batches: int = 0):
+    import jax  # pylint: disable=g-import-not-at-top  (the process's place in the run)
+    if image_shape is None:  # one random batch, repeated: zero-mean values of the scale of
+      # mean-subtracted pixels.
+      key = tf.constant([config.seed, jax.process_index()], tf.int64)
+      size = config.image_size
+      half = augment.PIXEL_MAX / 2
+      fixed = {'image': tf.random.stateless_uniform([batch, size, size, 3], key, -half,
+                                                    half).numpy(),
+               'label': tf.random.stateless_uniform([batch], key, 0, config.num_classes,
+                                                    dtype=tf.int32).numpy()}
+      return _repeat(fixed)
+    return self._eval_batches(batch, image_shape, num_batches)
+
+  def _eval_batches(self, batch, image_shape, num_batches):
+    import jax  # pylint: disable=g-import-not-at-top
+    images = np.zeros([batch] + image_shape, np.float32)
+    positions = jax.process_index() + jax.process_count() * np.arange(num_batches * batch)
+    for k in range(num_batches):
+      mask = positions[k * batch:(k + 1) * batch] < self.num_examples
+      yield {'image': images, 'label': np.zeros([batch], np.int32), 'mask': mask}
+
+  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+    raise DataError("dataset='synthetic' has no images to read: its batches are made whole.")
+
+  def eval_examples(self, process: int, count: int):
+    raise DataError("dataset='synthetic' has no images to read: its batches are made whole.")
+
+  def sample(self, n: int, spread: Callable[[int, int], np.ndarray]):
+    raise DataError("dataset='synthetic' has no images: no statistics and nothing to show "
+                    '(use config.mean=None).')
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardedSplit:
+class ShardedSplit(_Split):
   """A prepared split: TFRecord files of square JPEGs, with the number of examples of each."""
+  may_fail = False  # (not a field) nothing here is unreadable after its check
   files: tuple[str, ...]
   counts: tuple[int, ...]
   location: str
@@ -107,7 +326,7 @@ class ShardedSplit:
   def num_examples(self) -> int:
     return sum(self.counts)
 
-  def records(self, start: int, stop: int) -> tf.data.Dataset:
+  def range_records(self, start: int, stop: int) -> tf.data.Dataset:
     """{'encoded', 'label'} of examples [start, stop) of the files in their stored order."""
     ends = np.cumsum(self.counts)
     segments = [(f, max(start - (end - n), 0), min(stop, end) - max(start, end - n))
@@ -120,6 +339,74 @@ class ShardedSplit:
   def decode(self, encoded: tf.Tensor) -> tf.Tensor:
     """A record's JPEG -> its uint8 square."""
     return decode_prepared(encoded)
+
+  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+    """Each epoch shuffles the files, then reads this process's contiguous slice of their
+    examples in windows of order.shuffle_buffer, each read whole and permuted (the next window
+    read while this one is consumed)."""
+    p, share = order.process, order.share
+    window = min(order.shuffle_buffer, share)
+    num_windows = -(-share // window)
+    files = tf.constant(self.files, tf.string)
+    counts = tf.constant(self.counts, tf.int64)
+
+    def epoch_examples(epoch):
+      permutation = tf.random.experimental.stateless_shuffle(
+          tf.range(len(self.files), dtype=tf.int64), seed=order.epoch_seed(epoch))
+      ordered_counts = tf.gather(counts, permutation)
+      ends = tf.cumsum(ordered_counts)
+      starts = ends - ordered_counts
+      first_local = order.first_local(epoch)
+
+      def load_window(w):  # window w of this process's slice, read whole and permuted
+        lo = p * share + w * window
+        hi = tf.minimum(lo + window, (p + 1) * share)
+        takes = tf.maximum(tf.minimum(hi, ends) - tf.maximum(lo, starts), 0)
+        used = takes > 0
+        records = read_segments(
+            tf.boolean_mask(tf.gather(files, permutation), used),
+            tf.boolean_mask(tf.maximum(lo - starts, 0), used), tf.boolean_mask(takes, used))
+        ex = parse_prepared(records.batch(hi - lo).get_single_element())
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(hi - lo), seed=tf.random.experimental.stateless_fold_in(
+                order.epoch_seed(epoch), lo))
+        local = w * window + tf.range(hi - lo)
+        return {'encoded': tf.gather(ex['encoded'], perm), 'label': tf.gather(ex['label'], perm),
+                'position': order.position(local)}
+
+      windows = tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
+      ds = windows.prefetch(1).unbatch().skip(first_local % window)
+      return ds.map(lambda el: {**el, 'epoch': epoch})
+
+    return _decoded(order.epochs(epoch_examples), self.decode)
+
+  def eval_examples(self, process: int, count: int):
+    """Contiguous slices, their sizes within one."""
+    n = self.num_examples
+    lo, hi = process * n // count, (process + 1) * n // count
+    return self.range_records(lo, hi).enumerate(lo).map(
+        lambda i, ex: (self.decode(ex['encoded']), ex['label'], i),
+        num_parallel_calls=tf.data.AUTOTUNE), None
+
+  def sample(self, n: int, spread: Callable[[int, int], np.ndarray]):
+    """The first n examples in the stored order."""
+    del spread
+    n = min(n, self.num_examples)
+    return self.range_records(0, n).enumerate().map(
+        lambda i, ex: {'square': self.decode(ex['encoded']), 'label': ex['label'], 'index': i},
+        num_parallel_calls=tf.data.AUTOTUNE), None
+
+
+def _decoded(ds: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+  """Training examples with their encoded bytes decoded into the square 'image'."""
+  return ds.map(lambda el: {'epoch': el['epoch'], 'position': el['position'],
+                            'image': decode(el['encoded']), 'label': el['label']},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _repeat(batch):
+  while True:
+    yield batch
 
 
 Split = IndexedSplit | StreamSplit | SyntheticSplit | ShardedSplit
@@ -466,29 +753,106 @@ def _prepared_split(config, split: str) -> ShardedSplit:
 # ---------------------------------------------------------------------------- all sources
 
 
-def dataset_info(config) -> DatasetInfo:
-  """Number of classes, split sizes and class names of config.dataset."""
-  if config.dataset == 'synthetic':
+class _Synthetic:
+  """dataset='synthetic': ImageNet's split sizes, random images made whole."""
+
+  @staticmethod
+  def info(config) -> DatasetInfo:
     return DatasetInfo(config.num_classes, SYNTHETIC_NUM_TRAIN, SYNTHETIC_NUM_EVAL,
                        tuple(str(i) for i in range(config.num_classes)))
-  if config.dataset == 'digits':
+
+  @staticmethod
+  def split(config, split: str) -> Split:
+    n = SYNTHETIC_NUM_TRAIN if split == config.train_split else SYNTHETIC_NUM_EVAL
+    return SyntheticSplit(num_examples=n, num_classes=config.num_classes)
+
+
+class _Digits:
+  """dataset='digits': scikit-learn's 8x8 digits, upscaled, held in memory."""
+
+  @staticmethod
+  def info(config) -> DatasetInfo:
     arrays = digits_arrays(config.resize_size)
     sizes = [len(_digits_split(arrays, s)[1]) for s in (config.train_split, config.eval_split)]
     return DatasetInfo(10, sizes[0], sizes[1], tuple(str(i) for i in range(10)))
-  if config.dataset == 'folder':
+
+  @staticmethod
+  def split(config, split: str) -> Split:
+    images, labels = _digits_split(digits_arrays(config.resize_size), split)
+    images = tf.constant(images)
+    return IndexedSplit(labels=labels,
+                        load=lambda i: tf.cast(tf.gather(images, i), tf.float32),
+                        describe=lambda i: f'digits[{split}][{i}]', may_fail=False,
+                        location=f'digits[{split}]')
+
+
+class _Folder:
+  """dataset='folder': ROOT/<split>/<class>/*.jpg."""
+
+  @staticmethod
+  def info(config) -> DatasetInfo:
     classes = folder_class_names(config)
     sizes = [len(list_folder(split_dir(config, s))[1])
              for s in (config.train_split, config.eval_split)]
     return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
-  if config.dataset == PREPARED:
+
+  @staticmethod
+  def split(config, split: str) -> Split:
+    return _folder_split(config, split)
+
+
+class _Prepared:
+  """dataset='prepared': the shards of `alexnet_jax.data.prepare`."""
+
+  @staticmethod
+  def info(config) -> DatasetInfo:
     classes = tuple(prepared_index(config)['class_names'])
     sizes = [_prepared_split(config, s).num_examples
              for s in (config.train_split, config.eval_split)]
     return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
-  builder = tfds_builder(config)
-  label = builder.info.features['label']
-  return DatasetInfo(label.num_classes, tfds_num_examples(builder, config.train_split),
-                     tfds_num_examples(builder, config.eval_split), tuple(label.names))
+
+  @staticmethod
+  def split(config, split: str) -> Split:
+    return _prepared_split(config, split)
+
+
+class _Tfds:
+  """Any other name: a dataset of the installed tensorflow-datasets (ImageNet)."""
+
+  @staticmethod
+  def info(config) -> DatasetInfo:
+    builder = tfds_builder(config)
+    label = builder.info.features['label']
+    return DatasetInfo(label.num_classes, tfds_num_examples(builder, config.train_split),
+                       tfds_num_examples(builder, config.eval_split), tuple(label.names))
+
+  @staticmethod
+  def split(config, split: str) -> Split:
+    builder = tfds_builder(config)
+    decode = _decoder(config)
+    if config.cache:  # small dataset: exact permutations from an in-memory copy.
+      encoded, labels = _tfds_in_memory(config.dataset, _data_dir(config), split)
+      encoded = tf.constant(encoded)
+      return IndexedSplit(labels=labels, load=lambda i: decode(tf.gather(encoded, i)),
+                          describe=lambda i: f'{config.dataset}[{split}][{i}]', may_fail=False,
+                          location=f'{config.dataset}[{split}]')
+    return StreamSplit(num_examples=tfds_num_examples(builder, split),
+                       process_records=functools.partial(_tfds_records, builder, split),
+                       decode=decode,
+                       location=f'{config.dataset}[{split}]')
+
+
+# config.dataset -> the source that answers for it; any other name is a TFDS dataset.
+_SOURCES = {'synthetic': _Synthetic, 'digits': _Digits, 'folder': _Folder, PREPARED: _Prepared}
+
+
+def _source(config):
+  return _SOURCES.get(config.dataset, _Tfds)
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Number of classes, split sizes and class names of config.dataset."""
+  return _source(config).info(config)
 
 
 def _digits_split(arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -498,29 +862,5 @@ def _digits_split(arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_split(config, split: str) -> Split:
-  """The examples of `split` of config.dataset, ready to be read by index or as a stream."""
-  if config.dataset == 'synthetic':
-    info = dataset_info(config)
-    n = info.num_train if split == config.train_split else info.num_eval
-    return SyntheticSplit(num_examples=n, num_classes=config.num_classes)
-  if config.dataset == 'digits':
-    images, labels = _digits_split(digits_arrays(config.resize_size), split)
-    images = tf.constant(images)
-    return IndexedSplit(labels=labels,
-                        load=lambda i: tf.cast(tf.gather(images, i), tf.float32),
-                        describe=lambda i: f'digits[{split}][{i}]', may_fail=False,
-                        location=f'digits[{split}]')
-  if config.dataset == 'folder':
-    return _folder_split(config, split)
-  if config.dataset == PREPARED:
-    return _prepared_split(config, split)
-  builder = tfds_builder(config)
-  decode = _decoder(config)
-  if config.cache:  # small dataset: exact permutations from an in-memory copy.
-    encoded, labels = _tfds_in_memory(config.dataset, _data_dir(config), split)
-    encoded = tf.constant(encoded)
-    return IndexedSplit(labels=labels, load=lambda i: decode(tf.gather(encoded, i)),
-                        describe=lambda i: f'{config.dataset}[{split}][{i}]', may_fail=False,
-                        location=f'{config.dataset}[{split}]')
-  return StreamSplit(num_examples=tfds_num_examples(builder, split),
-                     records=functools.partial(_tfds_records, builder, split), decode=decode)
+  """The examples of `split` of config.dataset, read through the interface of `_Split`."""
+  return _source(config).split(config, split)

@@ -50,21 +50,12 @@ def _square_images(config, num_images: int | None
   split = data_sources.open_split(config, config.train_split)
   n = split.num_examples if not num_images or num_images <= 0 else min(num_images,
                                                                        split.num_examples)
-  if isinstance(split, data_sources.SyntheticSplit):
-    raise data_sources.DataError("dataset='synthetic' has no statistics; use config.mean=None.")
-  if isinstance(split, data_sources.StreamSplit):
-    # TFDS wrote the records in a shuffled order: the first n are a random sample.
-    ds = split.records(0, 1).take(n).enumerate().map(
-        lambda i, ex: {'image': split.decode(ex['image']), 'index': i},
-        num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(_BATCH).prefetch(2), n, split
-  # A folder is sorted by class: sample uniformly instead of taking the first n.
-  indices = np.random.RandomState(STATS_SAMPLE_SEED).permutation(split.num_examples)[:n]
-  ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).map(
-      lambda i: {'image': split.load(i), 'index': i}, num_parallel_calls=tf.data.AUTOTUNE)
-  if split.may_fail:
-    ds = ds.ignore_errors()
-  return ds.batch(_BATCH).prefetch(2), indices, split
+  # A folder is sorted by class: an indexed split is sampled uniformly (seeded); a stream (TFDS
+  # wrote its records shuffled) gives its first n.
+  ds, indices = split.sample(
+      n, lambda total, k: np.random.RandomState(STATS_SAMPLE_SEED).permutation(total)[:k])
+  ds = ds.map(lambda ex: {'image': ex['square'], 'index': ex['index']})
+  return ds.batch(_BATCH).prefetch(2), (n if indices is None else indices), split
 
 
 class StatsSums:

@@ -45,7 +45,6 @@ from alexnet_jax.core import models
 from alexnet_jax.core import run as run_lib
 from alexnet_jax.data import augment
 from alexnet_jax.data import sources as data_sources
-from alexnet_jax.errors import DataError
 from alexnet_jax.paper import predict
 
 NUM_NEIGHBOURS = 6  # §6.1 / Figure 4: the six nearest training images.
@@ -138,30 +137,24 @@ def _load_examples(config, split: str, max_examples: int | None,
   source = data_sources.open_split(config, split)
   n = source.num_examples
   if max_examples and 0 < max_examples < n:
-    how = 'first {} in the stored order'
     n = max_examples
-  else:
+
+  def spread(total: int, k: int) -> np.ndarray:
+    if k >= total:
+      return np.arange(k, dtype=np.int64)
+    if sample:
+      return np.sort(np.random.RandomState(_SAMPLE_SEED).permutation(total)[:k])
+    return np.linspace(0, total - 1, k).round().astype(np.int64)
+
+  ds, indices = source.sample(n, spread)
+  if indices is None:
+    how = 'first {} in the stored order' if n < source.num_examples else 'all {}'
+  elif n >= source.num_examples:
     how = 'all {}'
-  if isinstance(source, data_sources.IndexedSplit):
-    if n < source.num_examples:
-      if sample:
-        indices = np.sort(np.random.RandomState(_SAMPLE_SEED).permutation(source.num_examples)[:n])
-        how = 'a random sample (seed 0) of {} of ' + str(source.num_examples)
-      else:
-        indices = np.linspace(0, source.num_examples - 1, n).round().astype(np.int64)
-        how = '{} evenly spaced of ' + str(source.num_examples)
-    else:
-      indices = np.arange(n, dtype=np.int64)
-    labels = tf.constant(source.labels)
-    ds = tf.data.Dataset.from_tensor_slices(indices).map(
-        lambda i: {'square': source.load(i), 'label': tf.gather(labels, i), 'index': i})
-    if source.may_fail:
-      ds = ds.ignore_errors()
-  elif isinstance(source, data_sources.StreamSplit):
-    ds = source.records(0, 1).take(n).enumerate().map(
-        lambda i, ex: {'square': source.decode(ex['image']), 'label': ex['label'], 'index': i})
+  elif sample:
+    how = 'a random sample (seed 0) of {} of ' + str(source.num_examples)
   else:
-    raise DataError("dataset='synthetic' has no images to show.")
+    how = '{} evenly spaced of ' + str(source.num_examples)
   return ds.batch(_BATCH).prefetch(2), n, how.format(n) + f' images of {split!r}'
 
 
