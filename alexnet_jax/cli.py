@@ -256,3 +256,11 @@ def prepare_output(path: str, flag: str = 'output', folder: bool = False) -> Non
   except OSError as e:
     raise UserError(f'--{flag}={path}: cannot create the folder {target} '
                     f'({e.strerror or errors.one_line(e)})') from None
+  if '://' not in str(target):  # A local folder: try a file in it (permissions, read-only).
+    import tempfile  # pylint: disable=g-import-not-at-top
+    try:
+      with tempfile.TemporaryFile(dir=str(target)):
+        pass
+    except OSError as e:
+      raise UserError(f'--{flag}={path}: cannot write into the folder {target} '
+                      f'({e.strerror or errors.one_line(e)})') from None

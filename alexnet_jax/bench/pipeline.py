@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_jax import cli
+from alexnet_jax import config as config_lib
 from alexnet_jax.errors import UserError
 
 # ImageNet's typical image is 500x375 (4:3); the long side varies around it.
@@ -262,6 +263,12 @@ def main(argv) -> None:
   if f.num_images < 1 or f.batches < 1 or f.warmup < 0:
     raise UserError(f'--num_images={f.num_images} and --batches={f.batches} must be >= 1, '
                     f'--warmup={f.warmup} >= 0')
+  config = f.config
+  if f.batch_size:
+    config.batch_size = f.batch_size
+  config_lib.validate(config, num_devices=1)
+  if f.dir:
+    cli.prepare_output(f.dir, flag='dir', folder=True)
   with tempfile.TemporaryDirectory() as scratch:
     directory = f.dir or scratch
     if count_images(directory) < f.num_images:
@@ -269,9 +276,6 @@ def main(argv) -> None:
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
     if f.compare:
-      config = f.config
-      if f.batch_size:
-        config.batch_size = f.batch_size
       rows = compare_readers(config, directory, f.batches, f.warmup)
       print(f'{"cores":>5s} {"ours":>8s} {"plain":>8s} {"decode":>8s} {"ours/plain":>10s} '
             f'{"ours/decode":>11s}   (images/s, {rows[0]["images"]} prepared images)')
@@ -280,7 +284,7 @@ def main(argv) -> None:
               f'{r["bare_decode"]:8.1f} {r["ours_vs_plain"]:10.2f} {r["ours_vs_bare_decode"]:11.2f}')
         print(json.dumps(r))
       return
-    result = benchmark(f.config, directory, f.batches, f.warmup, f.batch_size, f.antialias,
+    result = benchmark(config, directory, f.batches, f.warmup, f.batch_size, f.antialias,
                        f.prepared)
   if 'prepare_images_per_sec' in result:
     print(f'Prepared {result["num_files"]} images at {result["prepare_images_per_sec"]:.1f} '

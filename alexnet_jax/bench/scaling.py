@@ -260,8 +260,9 @@ def _run_counts(given: list[int], per_host: int, hosts: int) -> list[int]:
     given += [per_host * 2 ** k for k in range(1, hosts.bit_length())] + [per_host * hosts]
   for n in given:
     if n > per_host * hosts:
-      raise UserError(f'--devices={n}: {per_host * hosts} devices here ({hosts} hosts of '
-                      f'{per_host})' + (' (add --cpu_devices=N)' if hosts == 1 else ''))
+      raise UserError(f'--devices={n}: {per_host * hosts} devices here ({hosts} '
+                      f'host{"s" * (hosts > 1)} of {per_host})'
+                      + (' (add --cpu_devices=N)' if hosts == 1 else ''))
     if n > per_host and n % per_host:
       raise UserError(f'--devices={n}: a count above one host\'s {per_host} devices must be '
                       'whole hosts (a multiple of it)')
