@@ -26,10 +26,18 @@ def _coordinate_image(height, width):
   return np.stack([i, j, i * width + j], axis=-1).astype(np.float32)
 
 
+def _training_patch(image, key, size, *, crop=False, flip=False, lighting=False,
+                    lighting_std=0.1, scale='paper'):
+  """The training patch of `image` with only the given parts of §4.1's sequence switched on."""
+  augmenter = augment.TrainAugment(size, crop, flip, lighting, augment.IMAGENET_PCA_EIGVAL,
+                                   augment.IMAGENET_PCA_EIGVEC, lighting_std, scale)
+  return augmenter.float_patch(tf.constant(image), key, mean=None)
+
+
 def test_random_crop_is_inside_and_uniform():
   height, width, size = 12, 14, 8
   image = _coordinate_image(height, width)
-  patches = _map_keys(lambda k: augment.random_crop(tf.constant(image), size, k))
+  patches = _map_keys(lambda k: _training_patch(image, k, size, crop=True))
   tops, lefts = patches[:, 0, 0, 0].astype(int), patches[:, 0, 0, 1].astype(int)
   for patch, top, left in zip(patches, tops, lefts):  # exactly the NumPy slice at that offset
     np.testing.assert_array_equal(patch, image[top:top + size, left:left + size])
@@ -43,16 +51,16 @@ def test_random_crop_is_inside_and_uniform():
 
 
 def test_random_crop_depends_only_on_the_key():
-  image = tf.constant(_coordinate_image(10, 10))
+  image = _coordinate_image(10, 10)
   key = tf.constant([3, 4], tf.int64)
-  first = augment.random_crop(image, 6, key)
-  np.testing.assert_array_equal(first, augment.random_crop(image, 6, key))
+  first = _training_patch(image, key, 6, crop=True)
+  np.testing.assert_array_equal(first, _training_patch(image, key, 6, crop=True))
 
 
 def test_flip_is_an_exact_mirror_half_of_the_time():
-  image = np.random.RandomState(0).uniform(0, 255, [5, 7, 3]).astype(np.float32)
+  image = np.random.RandomState(0).uniform(0, 255, [7, 7, 3]).astype(np.float32)
   np.testing.assert_array_equal(augment.horizontal_flip(tf.constant(image)), image[:, ::-1])
-  outputs = _map_keys(lambda k: augment.random_flip(tf.constant(image), k))
+  outputs = _map_keys(lambda k: _training_patch(image, k, 7, flip=True))
   flipped = np.array([np.array_equal(o, image[:, ::-1]) for o in outputs])
   unchanged = np.array([np.array_equal(o, image) for o in outputs])
   assert np.all(flipped ^ unchanged)
@@ -65,10 +73,10 @@ def test_flip_is_an_exact_mirror_half_of_the_time():
 ])
 def test_pca_lighting_adds_one_offset_along_the_eigenvectors(scale, weight):
   std = 0.1
-  image = np.random.RandomState(1).uniform(0, 255, [4, 5, 3]).astype(np.float32)
-  eigval, eigvec = augment.IMAGENET_PCA_EIGVAL, augment.IMAGENET_PCA_EIGVEC
-  outputs = _map_keys(lambda k: augment.pca_lighting(tf.constant(image), k, eigval, eigvec, std,
-                                                     scale))
+  image = np.random.RandomState(1).uniform(0, 255, [5, 5, 3]).astype(np.float32)
+  eigvec = augment.IMAGENET_PCA_EIGVEC
+  outputs = _map_keys(lambda k: _training_patch(image, k, 5, lighting=True, lighting_std=std,
+                                                scale=scale))
   shifts = outputs - image
   offsets = shifts[:, 0, 0, :]
   # One RGB offset per image, the same at every pixel.

@@ -234,13 +234,12 @@ def measure_train(config: Any, devices: int | list, steps_: int, warmup: int,
 
 
 def _device_batch(shapes: dict[str, Any]) -> dict[str, Any]:
-  """Synthetic images and zero labels made on the devices, shaped and laid out as `shapes`."""
+  """Synthetic images (`_device_images`) and zero labels made on the devices, shaped and laid
+  out as `shapes`."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   image, label = shapes['image'], shapes['label']
-  make = jax.jit(lambda k: jax.random.normal(k, image.shape) * 60.0,
-                 out_shardings=image.sharding)
-  return {'image': make(jax.random.key(0)),
+  return {'image': _device_images(image.shape, None, sharding=image.sharding),
           'label': jax.make_array_from_callback(label.shape, label.sharding,
                                                 lambda i: np.zeros(label.shape, np.int32)[i])}
 

@@ -59,11 +59,6 @@ def random_crop_offsets(image: tf.Tensor, size: int, key: tf.Tensor) -> tuple[tf
   return top, left
 
 
-def random_crop(image: tf.Tensor, size: int, key: tf.Tensor) -> tf.Tensor:
-  """§4.1: the size x size patch at `random_crop_offsets`."""
-  return crop(image, *random_crop_offsets(image, size, key), size)
-
-
 def center_offsets(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
   """(top, left) of the central size x size patch; rounds down."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -90,11 +85,6 @@ def flip_decision(key: tf.Tensor) -> tf.Tensor:
   return tf.random.stateless_uniform([], key) < 0.5
 
 
-def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """§4.1: the horizontal reflection with probability 1/2."""
-  return tf.cond(flip_decision(key), lambda: horizontal_flip(image), lambda: image)
-
-
 def lighting_offset(key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor, std: float,
                     scale: str) -> tf.Tensor:
   """§4.1's RGB offset [3] for one image: P @ (a * lambda) with a ~ N(0, std), on 0..255.
@@ -118,12 +108,6 @@ def lighting_offset(key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor, std: f
   else:
     raise ValueError(f"pca_lighting_scale={scale!r}; expected 'paper' or 'cuda_convnet'.")
   return tf.linalg.matvec(eigvec, weights)
-
-
-def pca_lighting(image: tf.Tensor, key: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor,
-                 std: float, scale: str) -> tf.Tensor:
-  """§4.1's PCA colour augmentation: add the same `lighting_offset` to every pixel."""
-  return image + lighting_offset(key, eigval, eigvec, std, scale)
 
 
 @dataclasses.dataclass(frozen=True)

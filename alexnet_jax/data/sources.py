@@ -753,6 +753,12 @@ def _prepared_split(config, split: str) -> ShardedSplit:
 # ---------------------------------------------------------------------------- all sources
 
 
+def _info(config, class_names, num_examples: Callable[[str], int]) -> DatasetInfo:
+  """DatasetInfo of config's training and evaluation splits, counted by `num_examples`."""
+  return DatasetInfo(len(class_names), num_examples(config.train_split),
+                     num_examples(config.eval_split), tuple(class_names))
+
+
 class _Synthetic:
   """dataset='synthetic': ImageNet's split sizes, random images made whole."""
 
@@ -773,8 +779,8 @@ class _Digits:
   @staticmethod
   def info(config) -> DatasetInfo:
     arrays = digits_arrays(config.resize_size)
-    sizes = [len(_digits_split(arrays, s)[1]) for s in (config.train_split, config.eval_split)]
-    return DatasetInfo(10, sizes[0], sizes[1], tuple(str(i) for i in range(10)))
+    return _info(config, [str(i) for i in range(10)],
+                 lambda s: len(_digits_split(arrays, s)[1]))
 
   @staticmethod
   def split(config, split: str) -> Split:
@@ -791,10 +797,8 @@ class _Folder:
 
   @staticmethod
   def info(config) -> DatasetInfo:
-    classes = folder_class_names(config)
-    sizes = [len(list_folder(split_dir(config, s))[1])
-             for s in (config.train_split, config.eval_split)]
-    return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
+    return _info(config, folder_class_names(config),
+                 lambda s: len(list_folder(split_dir(config, s))[1]))
 
   @staticmethod
   def split(config, split: str) -> Split:
@@ -806,10 +810,8 @@ class _Prepared:
 
   @staticmethod
   def info(config) -> DatasetInfo:
-    classes = tuple(prepared_index(config)['class_names'])
-    sizes = [_prepared_split(config, s).num_examples
-             for s in (config.train_split, config.eval_split)]
-    return DatasetInfo(len(classes), sizes[0], sizes[1], classes)
+    return _info(config, prepared_index(config)['class_names'],
+                 lambda s: _prepared_split(config, s).num_examples)
 
   @staticmethod
   def split(config, split: str) -> Split:
@@ -822,9 +824,8 @@ class _Tfds:
   @staticmethod
   def info(config) -> DatasetInfo:
     builder = tfds_builder(config)
-    label = builder.info.features['label']
-    return DatasetInfo(label.num_classes, tfds_num_examples(builder, config.train_split),
-                       tfds_num_examples(builder, config.eval_split), tuple(label.names))
+    return _info(config, builder.info.features['label'].names,
+                 functools.partial(tfds_num_examples, builder))
 
   @staticmethod
   def split(config, split: str) -> Split:

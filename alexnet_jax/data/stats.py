@@ -130,7 +130,7 @@ def compute_stats(config, num_images: int | None = None) -> dict[str, np.ndarray
   Returns:
     'mean_image' float32 [R, R, 3] and 'rgb_mean' float32 [3] on the 0..255 scale; 'eigval' [3]
     (decreasing) and 'eigvec' [3, 3] (columns, rows R, G, B) of the covariance of RGB pixel values
-    on a 0..1 scale, as `augment.pca_lighting` expects; 'num_images', 'resize_size', 'dataset'.
+    on a 0..1 scale, as `augment.lighting_offset` expects; 'num_images', 'resize_size', 'dataset'.
   """
   ds, asked, split = _square_images(config, num_images)
   n = asked if isinstance(asked, int) else len(asked)
