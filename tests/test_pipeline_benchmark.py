@@ -34,9 +34,12 @@ def test_readers_are_compared_on_the_same_prepared_images(tmp_path):
   config = alexnet.get_config()
   config.batch_size = 4
   rows = pipeline_benchmark.compare_readers(config, str(tmp_path / 'jpegs'), batches=2,
-                                            warmup=1, cores=(1,))
+                                            warmup=1, cores=(1,), rounds=2)
   (row,) = rows
   assert row['cores'] == 1 and row['images'] == 16 and row['batch_size'] == 4
   for key in ('ours', 'plain_tf_data', 'bare_decode'):
     assert row[key] > 0, key
+    # Each reader took its turns; its figure is their median (of two: their mean).
+    assert len(row['turns'][key]) == 2
+    assert row[key] == pytest.approx(np.mean(row['turns'][key]), abs=1)
   assert row['ours_vs_bare_decode'] == pytest.approx(row['ours'] / row['bare_decode'], abs=2e-3)

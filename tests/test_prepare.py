@@ -156,21 +156,27 @@ def test_preparation_holds_every_readable_image_and_exact_statistics(prepared):
 def test_an_interrupted_preparation_resumes_without_redoing_shards(prepared, tmp_path,
                                                                    monkeypatch):
   root, whole, _, _ = prepared
-  real = prepare.prepare_shard
+  real = prepare.prepare_shards
   calls = []
 
-  def interrupted(settings, shard, output):
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-    calls.append(shard.key)
-    return real(settings, shard, output)
+  def interrupted(settings, shards, output, parallel, done):
+    def done_then_stop(shard, result):  # stopped after the third shard is recorded
+      if len(calls) == 3:
+        raise KeyboardInterrupt
+      calls.append(shard.key)
+      done(shard, result)
+    return real(settings, shards, output, parallel, done_then_stop)
 
-  monkeypatch.setattr(prepare, 'prepare_shard', interrupted)
+  def counted(settings, shards, output, parallel, done):
+    return real(settings, shards, output, parallel,
+                lambda shard, result: (calls.append(shard.key), done(shard, result)))
+
+  monkeypatch.setattr(prepare, 'prepare_shards', interrupted)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare(_settings(root), str(tmp_path), workers=1)
   assert not (tmp_path / 'index.json').exists()
   done, calls[:] = list(calls), []
-  monkeypatch.setattr(prepare, 'prepare_shard', lambda *a: (calls.append(a[1].key), real(*a))[1])
+  monkeypatch.setattr(prepare, 'prepare_shards', counted)
   prepare.prepare(_settings(root), str(tmp_path), workers=1)
   assert not set(done) & set(calls) and len(done) + len(calls) == 5 + 2
   for name in json.loads((whole / 'index.json').read_text())['splits']['train']['shards']:
@@ -184,7 +190,7 @@ def test_an_interrupted_preparation_resumes_without_redoing_shards(prepared, tmp
 
 
 @pytest.mark.slow
-def test_the_command_uses_worker_processes_and_reports_progress(prepared, tmp_path):
+def test_the_command_works_in_parallel_and_reports_progress(prepared, tmp_path):
   root = prepared[0]
   env = dict(os.environ, PYTHONPATH=conftest.ROOT)
   cmd = [sys.executable, '-m', 'alexnet_jax.data.prepare', '--source=folder',

@@ -22,6 +22,7 @@ every core it may (pin it with taskset to measure fewer).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -148,11 +149,15 @@ def _on_cores(n: int):
 
 
 def compare_readers(config, directory: str, batches: int, warmup: int,
-                    cores: tuple[int, ...] = (1, 2)) -> list[dict]:
+                    cores: tuple[int, ...] = (1, 2), rounds: int = 3) -> list[dict]:
   """On the prepared shards of directory/train, for each core count: ours (`train_iterator`,
   uint8 patches, crop positions and lighting shifts for the device), a plain tf.data reader
   of the same shards (parse, decode, random crop, flip, batch: nothing else) and the bare
-  decode of the same JPEG bytes held in memory; images/second and ours as a ratio to each."""
+  decode of the same JPEG bytes held in memory; images/second and ours as a ratio to each.
+
+  The three take turns, `rounds` times, each turn a fresh iterator (nothing of another reader
+  runs while one is timed); each reader's figure is its median turn, so that a slow spell of a
+  shared machine lowers one turn of each rather than one reader."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -180,21 +185,34 @@ def compare_readers(config, directory: str, batches: int, warmup: int,
         lambda x: tf.io.decode_jpeg(x, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
     return iter(ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
+  def timed(make) -> float:
+    batches_iter = make()
+    try:
+      return _images_per_sec(batches_iter, batches, warmup, b)
+    finally:
+      if hasattr(batches_iter, 'close'):
+        batches_iter.close()
+      del batches_iter
+      gc.collect()
+
   results = []
   with tempfile.TemporaryDirectory() as workdir:
     mean = stats.mean_to_subtract(config, stats.training_stats(config, workdir))
+    readers = {'ours': lambda: input_pipeline.train_iterator(config, mean=mean, on_device=True),
+               'plain_tf_data': plain, 'bare_decode': bare}
     for n in cores:
       if n > cpus():
         continue
+      turns = {name: [] for name in readers}
       with _on_cores(n):
-        ours_iter = input_pipeline.train_iterator(config, mean=mean, on_device=True)
-        row = {'cores': n, 'ours': _images_per_sec(ours_iter, batches, warmup, b)}
-        ours_iter.close()
-        row['plain_tf_data'] = _images_per_sec(plain(), batches, warmup, b)
-        row['bare_decode'] = _images_per_sec(bare(), batches, warmup, b)
+        for _ in range(rounds):
+          for name, make in readers.items():
+            turns[name].append(timed(make))
+      row = {'cores': n, **{name: float(np.median(t)) for name, t in turns.items()}}
       row.update(ours_vs_plain=row['ours'] / row['plain_tf_data'],
                  ours_vs_bare_decode=row['ours'] / row['bare_decode'],
-                 images=len(jpegs), batch_size=b)
+                 images=len(jpegs), batch_size=b, rounds=rounds,
+                 turns={name: [round(x) for x in t] for name, t in turns.items()})
       results.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
   return results
 
@@ -251,6 +269,8 @@ def _define_flags() -> None:
                     'shards, uint8 to the device, instead of the full-size JPEGs.')
   flags.DEFINE_bool('compare', False, 'On the prepared shards, on 1 and 2 cores: ours against a '
                     'plain tf.data reader and against the bare JPEG decode (ratios).')
+  flags.DEFINE_integer('rounds', 3, '--compare: turns of each reader, taken in rotation; each '
+                       "reader's figure is its median turn.")
 
 
 def main(argv) -> None:
@@ -260,9 +280,9 @@ def main(argv) -> None:
   f = flags.FLAGS
   if f.config is None:
     raise UserError('No configs/alexnet.py next to this installation: pass --config=FILE.')
-  if f.num_images < 1 or f.batches < 1 or f.warmup < 0:
-    raise UserError(f'--num_images={f.num_images} and --batches={f.batches} must be >= 1, '
-                    f'--warmup={f.warmup} >= 0')
+  for name, least in (('num_images', 1), ('batches', 1), ('rounds', 1), ('warmup', 0)):
+    if f[name].value < least:
+      raise UserError(f'--{name}={f[name].value} must be >= {least}')
   config = f.config
   if f.batch_size:
     config.batch_size = f.batch_size
@@ -276,7 +296,7 @@ def main(argv) -> None:
       write_jpegs(directory, f.num_images)
       print(f'Wrote {f.num_images} JPEGs to {directory} in {time.perf_counter() - start:.1f} s')
     if f.compare:
-      rows = compare_readers(config, directory, f.batches, f.warmup)
+      rows = compare_readers(config, directory, f.batches, f.warmup, rounds=f.rounds)
       print(f'{"cores":>5s} {"ours":>8s} {"plain":>8s} {"decode":>8s} {"ours/plain":>10s} '
             f'{"ours/decode":>11s}   (images/s, {rows[0]["images"]} prepared images)')
       for r in rows:

@@ -1,14 +1,15 @@
 """The input's float work, done on the device inside the jitted step: uint8 patches in, the
 network's float32 images out.
 
-The host (`data.pipeline` with on_device=True) decodes and cuts the patches and draws every
-random number from the keys of (seed, epoch, position), as the float path does; it sends the uint8 patch
-(150 KB at 224x224, against 600 KB in float32) with 24 bytes of what it chose: the crop position,
-whether it flipped, and the lighting's RGB shift. What `finisher` does with them is what the host
-path does, in the same order of float operations (cast, minus the mean's matching window, plus
-the shift), so the two give the same values (tested in tests/test_prepare.py):
-- training (§2, §4.1): the mean image's window at the patch's position, mirrored with it, is
-  subtracted; then the shift of §4.1's PCA lighting is added to every pixel;
+The host (`data.pipeline` with on_device=True) decodes and cuts the patches with the same
+choices as the float path (`augment.TrainAugment`); it sends the uint8 patch (150 KB at 224x224,
+against 600 KB in float32) with 24 bytes of what it chose: the crop position, whether to reflect
+it, and the lighting's RGB shift. What `finisher` does with them is what the host path does, on
+the same float operands (the reflected patch minus the reflected mean window is the reflection
+of their difference), so the two give the same values (tested in tests/test_prepare.py):
+- training (§2, §4.1): the patch is reflected where chosen, the mean image's window at the
+  patch's position, reflected with it, is subtracted; then the shift of §4.1's PCA lighting is
+  added to every pixel;
 - evaluation: the mean's central patch, or its ten patches (§4.1), is subtracted.
 """
 
@@ -40,7 +41,7 @@ def finisher(config, mean: np.ndarray | None) -> Callable[[dict], dict]:
     centre = np.asarray(augment.test_patches(mean, size, ten_crop=False))
     ten = np.asarray(augment.test_patches(mean, size, ten_crop=True))
 
-  def window(crop):  # the mean under one training patch, mirrored if the patch was
+  def window(crop):  # the mean under one training patch, mirrored if the patch is
     top, left, flipped = crop[0], crop[1], crop[2]
     m = lax.dynamic_slice(jnp.asarray(mean), (top, left, 0), (size, size, 3))
     return jnp.where(flipped > 0, m[:, ::-1, :], m)
@@ -51,7 +52,9 @@ def finisher(config, mean: np.ndarray | None) -> Callable[[dict], dict]:
       return batch
     out = {k: v for k, v in batch.items() if k not in AUX_KEYS}
     x = image.astype(jnp.float32)
-    if 'crop' in batch:  # training patches
+    if 'crop' in batch:  # training patches, reflected here where the host chose to
+      flipped = batch['crop'][:, 2, None, None, None] > 0
+      x = jnp.where(flipped, x[:, :, ::-1, :], x)
       if per_pixel:
         x = x - jax.vmap(window)(batch['crop'])
       elif mean is not None:

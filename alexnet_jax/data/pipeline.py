@@ -2,7 +2,9 @@
 
 Training (`train_iterator`) is a pure function of (config.seed, global step): the example at
 position g of epoch e is chosen by a permutation seeded with (seed, e), and its crop, flip and
-colour shift by stateless random ops keyed on (seed, e, g). Resuming at step t therefore only
+colour shift by stateless draws that depend on (seed, e, g) alone (`augment.position_draws`,
+made where each split knows its positions, a window at a time where it can). Resuming at step
+t therefore only
 needs t: the pipeline starts at the right epoch, skips to the offset inside it before anything is
 decoded, and yields exactly the batches an uninterrupted run would have (no iterator
 checkpoints, no stateful RNG).
@@ -20,8 +22,9 @@ checkpoints, no stateful RNG).
 
 With `on_device=True` the iterators send what the device needs to finish the image
 (`data.on_device`): the uint8 patch (150 KB at 224x224, a quarter of float32's bytes), its crop
-position and flip, and the lighting's RGB shift; the random numbers are the same draws from the
-same keys, and the device's mean subtraction and lighting give the host path's values.
+position and flip, and the lighting's RGB shift; the choices are the host path's, and the
+device's reflection, mean subtraction and lighting give the host path's values. Each image is
+decoded and augmented in one tf.data stage (`Split.train_examples`' `finish`).
 
 Unreadable images (an empty, truncated or permission-denied file, or one that is no image;
 'folder' only: TFDS validated its images when it wrote them) never end a run. Training: a position
@@ -110,7 +113,8 @@ def _pca(config) -> tuple[np.ndarray, np.ndarray]:
 def _train_augment(config) -> augment.TrainAugment:
   """§4.1's training augmentation as `config` sets it (with `_pca`'s lighting)."""
   eigval, eigvec = _pca(config)
-  return augment.TrainAugment(config.image_size, config.random_crop, config.random_flip,
+  return augment.TrainAugment(config.image_size, (config.resize_size, config.resize_size),
+                              config.random_crop, config.random_flip,
                               config.pca_lighting, eigval, eigvec, config.pca_lighting_std,
                               config.pca_lighting_scale)
 
@@ -138,20 +142,18 @@ def train_iterator(config, *, start_step: int = 0, mean: np.ndarray | None,
   augmenter = _train_augment(config)
   augment_fn = (augmenter.uint8_patch if on_device
                 else functools.partial(augmenter.float_patch, mean=mean))
-  seed = tf.constant(config.seed, tf.int64)
 
   def preprocess(el):
-    key = tf.random.experimental.stateless_fold_in(tf.stack([seed, el['epoch']]), el['position'])
-    patch = augment_fn(el['image'], key)
+    patch = augment_fn(el['image'], {'crop': el['crop'], 'lighting': el['lighting']})
     out = {**(patch if on_device else {'image': patch}), 'label': el['label']}
     if 'candidates' in el:
       out.update(candidates=el['candidates'], attempt=el['attempt'])
     return out
 
   order = data_sources.TrainOrder(config.batch_size, b, jax.process_index(), jax.process_count(),
-                                  steps, start_step, config.seed, config.shuffle_buffer)
-  ds = split.train_examples(order)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+                                  steps, start_step, config.seed, config.shuffle_buffer,
+                                  augmenter.choices)
+  ds = split.train_examples(order, preprocess)
   ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
   return _log_unreadable_train(ds, split)
 

@@ -19,9 +19,12 @@ image and RGB mean and §4.1's PCA of the RGB covariance, where a run of dataset
 them. OUTPUT/index.json (counts, shards, class names, the settings, the unreadable files) is
 written last: a folder without it is a preparation still under way.
 
-Work is split by shard over --workers processes (default: every core). Progress, with an ETA,
-is logged after each shard; an interrupted preparation resumes with the same command, redoing
-only the shards not yet recorded in OUTPUT/.progress/. Images that cannot be decoded are
+One process does the work: tf.data decodes, resizes and encodes --workers images at a time on
+its threads (default: one per core), and the shards are written in order as their images
+arrive. (Worker processes each started their own TensorFlow, ~6 s of a core, which cost more
+than they gained on inputs of a few thousand images.) Progress, with an ETA, is logged after
+each shard; an interrupted preparation resumes with the same command, redoing only the shards
+not yet recorded in OUTPUT/.progress/. Images that cannot be decoded are
 skipped, counted and listed in the index. ImageNet's oddities decode as images: CMYK and
 greyscale JPEGs (TensorFlow's decoder converts them to RGB) and PNG files named .JPEG (the
 decoder follows the content, not the name).
@@ -33,12 +36,10 @@ if __name__ == '__main__':  # A command: TensorFlow's start-up lines hidden befo
   from alexnet_jax import cli as _cli
   _cli.quiet_tensorflow_logs()
 
-import concurrent.futures
 import dataclasses
 import datetime
 import io
 import json
-import multiprocessing
 import os
 import time
 from typing import Any
@@ -147,90 +148,155 @@ def plan(settings: Settings) -> tuple[tuple[str, ...], list[Shard]]:
   return classes, shards
 
 
-# ---------------------------------------------------------------------------- one shard
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker() -> None:
-  """A worker process: one TensorFlow thread (the processes are the parallelism)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # TensorFlow already started in this process (workers=1).
-    pass
+# ---------------------------------------------------------------------------- the work
 
 
 def _square_encoder(settings: Settings):
-  """tf.function: encoded image -> (uint8 square [R, R, 3], JPEG bytes of it)."""
+  """encoded image -> {'square': uint8 [R, R, 3], 'jpeg': its JPEG bytes, 'outer': the sum of
+  x x^T over its pixels (float64 [3, 3], for the statistics)}: TensorFlow ops only, so that
+  tf.data runs it on parallel threads."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  key = (settings.resize_size, settings.antialias, settings.quality)
-  if _WORKER.get('key') != key:
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def encode(encoded):
-      square = augment.to_uint8(sources.decode_center_square(encoded, settings.resize_size,
-                                                             settings.antialias))
-      return square, tf.io.encode_jpeg(square, quality=settings.quality)
+  def encode(encoded):
+    square = augment.to_uint8(sources.decode_center_square(encoded, settings.resize_size,
+                                                           settings.antialias))
+    rgb = tf.reshape(tf.cast(square, tf.float64), [-1, 3])
+    return {'square': square, 'jpeg': tf.io.encode_jpeg(square, quality=settings.quality),
+            'outer': tf.matmul(rgb, rgb, transpose_a=True)}
 
-    _WORKER.update(key=key, encode=encode)
-  return _WORKER['encode']
+  return encode
 
 
-def _examples(settings: Settings, shard: Shard):
-  """(description, label, encoded bytes or an exception) of the shard's examples, in order."""
-  if settings.source == 'folder':
-    for path, label in shard.items:
-      try:
-        with open(path, 'rb') as f:
-          yield path, label, f.read()
-      except OSError as e:
-        yield path, label, e
-    return
+def _folder_examples(shards: list[Shard]):
+  """(shard position, item in the shard, file path, label) of every item of `shards`, in
+  order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rows = [(pos, item, path, label) for pos, shard in enumerate(shards)
+          for item, (path, label) in enumerate(shard.items)]
+  columns = ([np.int64(r[0]) for r in rows], [np.int64(r[1]) for r in rows],
+             [r[2] for r in rows], [np.int64(r[3]) for r in rows])
+  return tf.data.Dataset.from_tensor_slices(
+      tuple(tf.constant(c, dtype) for c, dtype in zip(columns, (tf.int64, tf.int64, tf.string,
+                                                                 tf.int64))))
+
+
+def _tfds_examples(settings: Settings, shards: list[Shard]):
+  """The same for TFDS record ranges, with the encoded image in place of the path: each split
+  read once, from its first shard to do to its last."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  start, stop = shard.items
   builder = tfds.builder(settings.source, data_dir=settings.data_dir)
-  ds = builder.as_dataset(split=f'{shard.split}[{start}:{stop}]', shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  for i, ex in enumerate(ds.as_numpy_iterator()):
-    name = ex.get('file_name', b'').decode() or f'{settings.source}[{shard.split}][{start + i}]'
-    yield name, int(ex['label']), ex['image']
+  out = None
+  for split in dict.fromkeys(s.split for s in shards):  # in order, once each
+    mine = [(pos, s) for pos, s in enumerate(shards) if s.split == split]
+    first, last = mine[0][1].items[0], mine[-1][1].items[1]
+    # Record k of the split belongs to shard position wanted[k - first] (-1: already done).
+    wanted = np.full(last - first, -1, np.int64)
+    for pos, s in mine:
+      wanted[s.items[0] - first:s.items[1] - first] = pos
+    starts = np.array([s.items[0] for s in shards], np.int64)
+    ds = builder.as_dataset(split=f'{split}[{first}:{last}]', shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = ds.enumerate(first).map(lambda k, ex: (tf.gather(wanted, k - first), k, ex['image'],
+                                                ex['label']))
+    ds = ds.filter(lambda p, k, e, l: p >= 0).map(
+        lambda p, k, e, l: (p, k - tf.gather(starts, p), e, tf.cast(l, tf.int64)))
+    out = ds if out is None else out.concatenate(ds)
+  return out
 
 
-def prepare_shard(settings: Settings, shard: Shard, output: str) -> dict[str, Any]:
-  """Writes one shard (whole or not at all) and returns what the index and statistics need:
-  {'num_examples', 'bytes', 'unreadable': [(source, error)], 'sums': StatsSums arrays or None}."""
+def _unreadable(settings: Settings, shard: Shard, item: int) -> tuple[str, str]:
+  """(where, why) of an item the parallel stage left out: decoded once more, eagerly."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   encode = _square_encoder(settings)
-  is_train = shard.split == settings.train_split
-  sums = data_stats.StatsSums(settings.resize_size) if is_train else None
-  path = paths.resolve(output) / shard.filename
-  tmp = str(path) + '.tmp'
-  count, unreadable = 0, []
-  with tf.io.TFRecordWriter(tmp) as writer:
-    for name, label, data in _examples(settings, shard):
-      try:
-        if isinstance(data, Exception):
-          raise data
-        square, jpeg = encode(tf.constant(data))
-      except (tf.errors.OpError, OSError, ValueError) as e:
-        unreadable.append((name, sources.unreadable_reason(e)))
-        continue
-      writer.write(sources.prepared_record(jpeg.numpy(), label))
-      if sums is not None:
-        sums.add(square.numpy())
-      count += 1
-  os.replace(tmp, path)
-  return {'num_examples': count, 'bytes': os.path.getsize(path), 'unreadable': unreadable,
-          'sums': sums.arrays() if sums is not None else None}
+  if settings.source == 'folder':
+    where = shard.items[item][0]
+    try:
+      encode(tf.io.read_file(where))
+    except (tf.errors.OpError, ValueError) as e:
+      return where, sources.unreadable_reason(e)
+    return where, 'unreadable once, readable on a second try'
+  k = shard.items[0] + item
+  where = f'{settings.source}[{shard.split}][{k}]'
+  return where, 'could not be decoded'
 
 
-def _work(args) -> tuple[str, dict[str, Any]]:  # the pool's task: one shard.
-  settings, shard, output = args
-  return shard.key, prepare_shard(settings, shard, output)
+class _ShardWriter:
+  """Writes the shards in order as their examples arrive: each to a temporary file renamed into
+  place when whole, then handed to `done(shard, result)`."""
+
+  def __init__(self, settings: Settings, shards: list[Shard], output: str, done):
+    self.settings, self.shards, self.output, self.done = settings, shards, output, done
+    self.pos, self.writer = -1, None
+
+  def _open(self, pos: int) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.pos, shard = pos, self.shards[pos]
+    self.path = paths.resolve(self.output) / shard.filename
+    self.writer = tf.io.TFRecordWriter(str(self.path) + '.tmp')
+    self.seen: set[int] = set()
+    self.sums = (data_stats.StatsSums(self.settings.resize_size)
+                 if shard.split == self.settings.train_split else None)
+
+  def _close(self) -> None:
+    shard = self.shards[self.pos]
+    self.writer.close()
+    os.replace(str(self.path) + '.tmp', self.path)
+    unreadable = [_unreadable(self.settings, shard, i) for i in range(_size(shard))
+                  if i not in self.seen]
+    self.done(shard, {'num_examples': len(self.seen), 'bytes': os.path.getsize(self.path),
+                      'unreadable': unreadable,
+                      'sums': self.sums.arrays() if self.sums is not None else None})
+
+  def advance(self, pos: int) -> None:
+    """Finishes every shard before `pos` (empty ones too) and opens `pos` (if there is one)."""
+    while self.pos < pos:
+      if self.writer is not None:
+        self._close()
+        self.writer = None
+      if self.pos + 1 == len(self.shards):
+        return
+      self._open(self.pos + 1)
+
+  def write(self, pos: int, item: int, label: int, example: dict[str, np.ndarray]) -> None:
+    self.advance(pos)
+    self.writer.write(sources.prepared_record(example['jpeg'], label))
+    if self.sums is not None:
+      self.sums.add_image(example['square'], example['outer'])
+    self.seen.add(item)
+
+  def finish(self) -> None:
+    self.advance(len(self.shards))  # closes the last one (opening none past the end)
+
+
+def prepare_shards(settings: Settings, shards: list[Shard], output: str, parallel: int,
+                   done) -> None:
+  """Writes `shards` into `output` in order, decoding and encoding `parallel` images at a time
+  on tf.data's threads (one TensorFlow runtime, no worker processes to start); calls
+  done(shard, result) after each, result = {'num_examples', 'bytes', 'unreadable': [(where,
+  why)], 'sums': the shard's StatsSums arrays or None}."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not shards:
+    return
+  encode = _square_encoder(settings)
+  if settings.source == 'folder':
+    examples, load = _folder_examples(shards), tf.io.read_file
+  else:
+    examples, load = _tfds_examples(settings, shards), tf.identity
+  options = tf.data.Options()
+  options.deterministic = True  # the shards' bytes do not depend on `parallel`.
+  # One thread per image: `parallel` images at a time is the parallelism (a resize's own
+  # threads otherwise compete with the other images' and the rate swings by 2x, measured).
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+  # A file that cannot be read or decoded fails its element, which ignore_errors leaves out;
+  # the shard's writer finds it missing and asks why (`_unreadable`).
+  ds = examples.map(lambda p, i, e, l: (p, i, l, encode(load(e))), num_parallel_calls=parallel)
+  ds = ds.ignore_errors().prefetch(parallel).with_options(options)
+  writer = _ShardWriter(settings, shards, output, done)
+  for pos, item, label, example in ds.as_numpy_iterator():
+    writer.write(int(pos), int(item), int(label), example)
+  writer.finish()
 
 
 # ---------------------------------------------------------------------------- progress
@@ -299,38 +365,25 @@ def prepare(settings: Settings, output: str, workers: int | None = None) -> dict
   todo = [s for s in shards if s.key not in progress.done]
   total_images = sum(_size(s) for s in shards)
   todo_images = sum(_size(s) for s in todo)
-  workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-  logging.info('Preparing %d images of %s (%s) into %s: %d shards, %d to do, %d workers.',
+  if workers is None:  # one per core this process may run on
+    workers = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+               else os.cpu_count() or 1)
+  logging.info('Preparing %d images of %s (%s) into %s: %d shards, %d to do, %d parallel '
+               'images.',
                total_images, settings.source, ', '.join(settings.splits), output, len(shards),
                len(todo), workers)
   done_images, t0 = 0, time.time()
 
-  def finished(key, result, shard):
+  def finished(shard, result):
     nonlocal done_images
-    progress.record(key, result)
+    progress.record(shard.key, result)
     done_images += _size(shard)
     rate = done_images / max(time.time() - t0, 1e-9)
     logging.info('%d/%d shards (%s), %d/%d images, %.0f images/s, ETA %s', len(progress.done),
                  len(shards), shard.filename, total_images - todo_images + done_images,
                  total_images, rate, format_duration((todo_images - done_images) / rate))
 
-  by_key = {s.key: s for s in todo}
-  if workers == 1:
-    _init_worker()
-    for shard in todo:
-      finished(shard.key, prepare_shard(settings, shard, output), shard)
-  else:
-    context = multiprocessing.get_context('spawn')  # TensorFlow is not fork-safe.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                initializer=_init_worker) as pool:
-      futures = [pool.submit(_work, (settings, s, output)) for s in todo]
-      try:
-        for future in concurrent.futures.as_completed(futures):
-          key, result = future.result()
-          finished(key, result, by_key[key])
-      except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+  prepare_shards(settings, todo, output, workers, finished)
   return _finish(settings, output, classes, shards, progress, time.time() - start)
 
 
@@ -395,7 +448,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool('antialias', True, 'Antialiased resize (config.resize_antialias).')
   flags.DEFINE_integer('quality', DEFAULT_QUALITY, 'JPEG quality of the squares (1-100).')
   flags.DEFINE_integer('shard_size', DEFAULT_SHARD_SIZE, 'Images per shard file.')
-  flags.DEFINE_integer('workers', None, 'Processes (default: one per core).')
+  flags.DEFINE_integer('workers', None, 'Images decoded and encoded at a time, on threads of '
+                       'this one process (default: one per core this process may use).')
 
 
 def main(argv) -> None:

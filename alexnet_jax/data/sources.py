@@ -60,6 +60,8 @@ class DatasetInfo:
 # from the next positions, which shifts that epoch's remaining batches).
 FALLBACK_CANDIDATES = 8
 _FOREVER = 2**62  # epochs
+# A training example (its decoded square in 'image') -> what the pipeline batches.
+Finish = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,9 @@ class TrainOrder:
   start_step: int
   seed: int
   shuffle_buffer: int  # for splits read in a fixed order (shuffle buffer, prepared windows)
+  # Draws [..., augment.NUM_DRAWS] -> what the augmentation chose for each example
+  # (`augment.TrainAugment.choices`: {'crop', 'lighting'}), which each example carries.
+  choose: Callable[[tf.Tensor], dict[str, tf.Tensor]]
 
   @property
   def start_epoch(self) -> int:
@@ -106,15 +111,24 @@ class TrainOrder:
   def epoch_seed(self, epoch) -> tf.Tensor:
     return tf.stack([tf.constant(self.seed, tf.int64), epoch])
 
+  def choices(self, epoch, positions) -> dict[str, tf.Tensor]:
+    """The augmentation's choices for the examples at these positions (int64, any shape):
+    `choose` of their draws (`augment.position_draws`), a function of (seed, epoch, position)."""
+    draws = augment.position_draws(self.epoch_seed(epoch), positions)
+    return self.choose(draws)
+
 
 class _Split:
   """What every split answers, whatever it reads (the pipeline, the statistics and the figures
   ask only these):
 
   - `num_examples`, `location`;
-  - `train_examples(order)`: this process's training examples of every epoch from the resume
-    step on, {'epoch', 'position', 'image' (the square), 'label'} (and 'candidates', 'attempt'
-    where images can be unreadable), the same for a given (seed, epoch, position) in any run;
+  - `train_examples(order, finish)`: this process's training examples of every epoch from the
+    resume step on, each {'image' (the square), 'label'} with what the augmentation chose for
+    its (epoch, position) (`TrainOrder.choices`: 'crop', 'lighting'), and 'candidates',
+    'attempt' where images can be unreadable, handed to `finish` in the same parallel stage that
+    decodes it (one stage per image: each tf.data stage costs ~20 us per element on a core);
+    the same for a given (seed, epoch, position) in any run;
   - `eval_examples(process, count)`: this process's slice of the split, (square, label, index),
     each example in exactly one process, and the indices it was given (for the log of the
     unreadable ones) or None;
@@ -175,7 +189,7 @@ class IndexedSplit(_Split):
                       f'decoded (the first: {self.unreadable(0)}): the folder has no usable '
                       'images.')
 
-  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+  def train_examples(self, order: TrainOrder, finish: Finish) -> tf.data.Dataset:
     n, tries = self.num_examples, FALLBACK_CANDIDATES if self.may_fail else 1
     labels = tf.constant(self.labels)
 
@@ -189,21 +203,19 @@ class IndexedSplit(_Split):
       def candidates(local):  # the example at the position, then the following ones
         pos = order.position(local)
         following = (pos + tf.range(tries, dtype=tf.int64)) % n
-        return {'epoch': epoch, 'position': pos,
-                'candidates': tf.gather(permutation, following)}
+        return {**order.choices(epoch, pos), 'candidates': tf.gather(permutation, following)}
 
       return tf.data.Dataset.range(order.first_local(epoch), order.share).map(candidates)
 
     def first(el):
-      return {**load(el['candidates'][0], 0), 'epoch': el['epoch'], 'position': el['position']}
+      return finish({**el, **load(el.pop('candidates')[0], 0)})
 
     def first_readable(el):
       candidates = el['candidates']
       tries_ = tf.data.Dataset.from_tensor_slices((candidates, tf.range(tf.size(candidates))))
       # Lazily, in order: the next candidate is decoded only if the previous one raised.
       tries_ = tries_.map(load).ignore_errors().take(1)
-      return tries_.map(lambda ex: {**ex, 'epoch': el['epoch'], 'position': el['position'],
-                                    'candidates': candidates})
+      return tries_.map(lambda ex: finish({**el, **ex}))
 
     ds = order.epochs(epoch_examples)
     if self.may_fail:
@@ -242,7 +254,7 @@ class StreamSplit(_Split):
   decode: Callable[[tf.Tensor], tf.Tensor]  # encoded bytes -> square float32 image
   location: str = 'a TFDS split'
 
-  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+  def train_examples(self, order: TrainOrder, finish: Finish) -> tf.data.Dataset:
     records = self.process_records(order.process, order.num_processes)
 
     def epoch_examples(epoch):
@@ -251,12 +263,12 @@ class StreamSplit(_Split):
       ds = records.shuffle(order.shuffle_buffer, seed=shuffle_seed).take(order.share)
 
       def with_position(local, ex):
-        return {'epoch': epoch, 'position': order.position(local), 'encoded': ex['image'],
+        return {**order.choices(epoch, order.position(local)), 'encoded': ex['image'],
                 'label': ex['label']}
 
       return ds.enumerate().skip(order.first_local(epoch)).map(with_position)
 
-    return _decoded(order.epochs(epoch_examples), self.decode)
+    return _decoded(order.epochs(epoch_examples), self.decode, finish)
 
   def eval_examples(self, process: int, count: int):
     return self.process_records(process, count).enumerate().map(
@@ -303,7 +315,7 @@ class SyntheticSplit(_Split):
       mask = positions[k * batch:(k + 1) * batch] < self.num_examples
       yield {'image': images, 'label': np.zeros([batch], np.int32), 'mask': mask}
 
-  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+  def train_examples(self, order: TrainOrder, finish: Finish) -> tf.data.Dataset:
     raise DataError("dataset='synthetic' has no images to read: its batches are made whole.")
 
   def eval_examples(self, process: int, count: int):
@@ -321,6 +333,7 @@ class ShardedSplit(_Split):
   files: tuple[str, ...]
   counts: tuple[int, ...]
   location: str
+  side: int  # every prepared square is side x side
 
   @property
   def num_examples(self) -> int:
@@ -337,20 +350,23 @@ class ShardedSplit(_Split):
                          tf.constant([s[2] for s in segments], tf.int64)).map(parse_prepared)
 
   def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-    """A record's JPEG -> its uint8 square."""
-    return decode_prepared(encoded)
+    """A record's JPEG -> its uint8 square [side, side, 3], decoded whole. Decoding only the
+    patch's window (`decode_and_crop_jpeg`) changes the pixels at its edges by up to 4 levels
+    (libjpeg's chroma upsampling at the window's border) and was no faster here (docs/data.md).
+    """
+    return tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=3), [self.side, self.side, 3])
 
-  def train_examples(self, order: TrainOrder) -> tf.data.Dataset:
+  def train_examples(self, order: TrainOrder, finish: Finish) -> tf.data.Dataset:
     """Each epoch shuffles the files, then reads this process's contiguous slice of their
-    examples in windows of order.shuffle_buffer, each read whole and permuted (the next window
-    read while this one is consumed)."""
+    examples in windows of order.shuffle_buffer, each read whole and permuted (the next window,
+    of this epoch or the next, read while this one is consumed)."""
     p, share = order.process, order.share
     window = min(order.shuffle_buffer, share)
     num_windows = -(-share // window)
     files = tf.constant(self.files, tf.string)
     counts = tf.constant(self.counts, tf.int64)
 
-    def epoch_examples(epoch):
+    def epoch_windows(epoch):
       permutation = tf.random.experimental.stateless_shuffle(
           tf.range(len(self.files), dtype=tf.int64), seed=order.epoch_seed(epoch))
       ordered_counts = tf.gather(counts, permutation)
@@ -370,15 +386,18 @@ class ShardedSplit(_Split):
         perm = tf.random.experimental.stateless_shuffle(
             tf.range(hi - lo), seed=tf.random.experimental.stateless_fold_in(
                 order.epoch_seed(epoch), lo))
-        local = w * window + tf.range(hi - lo)
+        # A resumed run starts inside its first window: the examples before it are dropped
+        # before anything is decoded.
+        start = tf.maximum(first_local - w * window, 0)
+        perm = perm[start:]
+        positions = order.position(w * window + start + tf.range(hi - lo - start))
         return {'encoded': tf.gather(ex['encoded'], perm), 'label': tf.gather(ex['label'], perm),
-                'position': order.position(local)}
+                **order.choices(epoch, positions)}
 
-      windows = tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
-      ds = windows.prefetch(1).unbatch().skip(first_local % window)
-      return ds.map(lambda el: {**el, 'epoch': epoch})
+      return tf.data.Dataset.range(first_local // window, num_windows).map(load_window)
 
-    return _decoded(order.epochs(epoch_examples), self.decode)
+    examples = order.epochs(epoch_windows).prefetch(1).unbatch()
+    return _decoded(examples, self.decode, finish)
 
   def eval_examples(self, process: int, count: int):
     """Contiguous slices, their sizes within one."""
@@ -397,11 +416,15 @@ class ShardedSplit(_Split):
         num_parallel_calls=tf.data.AUTOTUNE), None
 
 
-def _decoded(ds: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
-  """Training examples with their encoded bytes decoded into the square 'image'."""
-  return ds.map(lambda el: {'epoch': el['epoch'], 'position': el['position'],
-                            'image': decode(el['encoded']), 'label': el['label']},
-                num_parallel_calls=tf.data.AUTOTUNE)
+def _decoded(ds: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor],
+             finish: Finish) -> tf.data.Dataset:
+  """Training examples with their encoded bytes decoded into the square 'image', finished in
+  the same stage."""
+  def decoded(el):
+    out = {k: v for k, v in el.items() if k != 'encoded'}
+    return finish({**out, 'image': decode(el['encoded'])})
+
+  return ds.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _repeat(batch):
@@ -691,11 +714,6 @@ def parse_prepared(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   return {'encoded': ex['image'], 'label': tf.cast(ex['label'], tf.int32)}
 
 
-def decode_prepared(encoded: tf.Tensor) -> tf.Tensor:
-  """A prepared JPEG -> its uint8 square [R, R, 3], decoded whole (a fused crop would change
-  the pixels at the patch's edges by a few levels, with the offset: measured)."""
-  return tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=3), [None, None, 3])
-
 
 def read_segments(files: tf.Tensor, skips: tf.Tensor, takes: tf.Tensor) -> tf.data.Dataset:
   """Serialized records: takes[i] records of files[i] after its first skips[i], in turn."""
@@ -747,7 +765,7 @@ def _prepared_split(config, split: str) -> ShardedSplit:
   root = paths.resolve(config.data_dir)
   return ShardedSplit(files=tuple(str(root / s['file']) for s in shards),
                       counts=tuple(s['num_examples'] for s in shards),
-                      location=f'{root}[{split}]')
+                      location=f'{root}[{split}]', side=settings['resize_size'])
 
 
 # ---------------------------------------------------------------------------- all sources

@@ -80,6 +80,13 @@ class StatsSums:
     self.outer_sum += rgb.T @ rgb
     self.count += len(images)
 
+  def add_image(self, square: np.ndarray, outer: np.ndarray) -> None:
+    """Adds one image [R, R, 3] whose sum of x x^T over its pixels (`outer`, [3, 3]) was
+    computed elsewhere (in the preparation's parallel stage); the same sums as `add`."""
+    self.pixel_sum += square
+    self.outer_sum += outer
+    self.count += 1
+
   def merge(self, other: 'StatsSums') -> None:
     self.pixel_sum += other.pixel_sum
     self.outer_sum += other.outer_sum
