@@ -285,8 +285,8 @@ def prepare_shards(settings: Settings, shards: list[Shard], output: str, paralle
     examples, load = _tfds_examples(settings, shards), tf.identity
   options = tf.data.Options()
   options.deterministic = True  # the shards' bytes do not depend on `parallel`.
-  # One thread per image: `parallel` images at a time is the parallelism (a resize's own
-  # threads otherwise compete with the other images' and the rate swings by 2x, measured).
+  # One thread per image, and no autotuning of buffers: `parallel` images at a time is the
+  # whole parallelism (a resize's own threads would otherwise compete with the other images').
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
   # A file that cannot be read or decoded fails its element, which ignore_errors leaves out;
@@ -344,8 +344,9 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
 
 
 def prepare(settings: Settings, output: str, workers: int | None = None) -> dict[str, Any]:
-  """Prepares every split of `settings` into `output` (resuming what is there); returns the
-  index it writes to output/index.json."""
+  """Prepares every split of `settings` into `output` (resuming what is there), `workers`
+  images at a time (default: one per core this process may use); returns the index it writes to
+  output/index.json."""
   start = time.time()
   output = str(paths.resolve(output))
   index_file = paths.resolve(output) / sources.PREPARED_INDEX
