@@ -35,6 +35,7 @@ from PIL import Image
 
 from alexnet_jax import cli
 from alexnet_jax import config as config_lib
+from alexnet_jax import cpu
 from alexnet_jax.errors import UserError
 
 # ImageNet's typical image is 500x375 (4:3); the long side varies around it.
@@ -95,11 +96,6 @@ def count_images(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
 
 
-def cpus() -> int:
-  """The cores this process may run on (taskset narrows them)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
 def prepared_copy(config, directory: str) -> tuple[str, dict]:
   """directory/train prepared once into directory + '_prepared' (reused when finished there);
   returns the folder and {'prepare_images_per_sec', 'prepare_workers', 'bytes_per_image'}."""
@@ -112,13 +108,13 @@ def prepared_copy(config, directory: str) -> tuple[str, dict]:
                               shard_size=prepare.DEFAULT_SHARD_SIZE // 4)
   fresh = not os.path.exists(os.path.join(output, 'index.json'))
   start = time.perf_counter()
-  index = prepare.prepare(settings, output, workers=cpus())
+  index = prepare.prepare(settings, output, workers=cpu.usable_cores())
   seconds = time.perf_counter() - start
   train = index['splits']['train']
   out = {'bytes_per_stored_image': round(train['bytes'] / train['num_examples'])}
   if fresh:
     out.update(prepare_images_per_sec=round(train['num_examples'] / seconds, 1),
-               prepare_workers=cpus())
+               prepare_workers=cpu.usable_cores())
   return output, out
 
 
@@ -201,7 +197,7 @@ def compare_readers(config, directory: str, batches: int, warmup: int,
     readers = {'ours': lambda: input_pipeline.train_iterator(config, mean=mean, on_device=True),
                'plain_tf_data': plain, 'bare_decode': bare}
     for n in cores:
-      if n > cpus():
+      if n > cpu.usable_cores():
         continue
       turns = {name: [] for name in readers}
       with _on_cores(n):
@@ -250,7 +246,8 @@ def benchmark(config, directory: str, batches: int, warmup: int, batch_size: int
   return {'images_per_sec': round(batches * config.batch_size / seconds, 1),
           'source': 'prepared' if prepared else 'folder', 'bytes_to_device_per_image': sent,
           'batch_size': config.batch_size, 'batches': batches, 'seconds': round(seconds, 3),
-          'num_files': count_images(directory), 'cpus': cpus(), 'antialias': antialias,
+          'num_files': count_images(directory), 'cpus': cpu.usable_cores(),
+          'antialias': antialias,
           **extra}
 
 

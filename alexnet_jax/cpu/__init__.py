@@ -4,13 +4,23 @@ Nothing outside this package needs to know its inside; the rest of the code uses
   onednn_available(), onednn_unavailable_reason(), cpu_has_bf16()  -- can oneDNN run here?
   conv2d(x, kernel, stride, padding)  -- a oneDNN convolution with its gradient (CPU backend)
   keep_freed_memory(), release_freed_memory(), malloc_env()  -- glibc keeps freed memory
+  usable_cores()  -- the cores this process may run on
 Where oneDNN or a C++ compiler is missing, onednn_available() is False and says why; the
 allocator functions import only the standard library, so a command can call them before JAX.
 """
 
+import os
+
 from alexnet_jax.cpu.allocator import keep_freed_memory
 from alexnet_jax.cpu.allocator import malloc_env
 from alexnet_jax.cpu.allocator import release_freed_memory
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (taskset or a container's cpuset narrow them)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def onednn_available() -> bool:
@@ -38,4 +48,4 @@ def conv2d(x, kernel, stride: int, padding):
 
 
 __all__ = ('onednn_available', 'onednn_unavailable_reason', 'cpu_has_bf16', 'conv2d',
-           'keep_freed_memory', 'release_freed_memory', 'malloc_env')
+           'keep_freed_memory', 'release_freed_memory', 'malloc_env', 'usable_cores')

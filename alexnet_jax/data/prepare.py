@@ -49,6 +49,7 @@ import numpy as np
 
 from alexnet_jax import cli
 from alexnet_jax import config as config_lib
+from alexnet_jax import cpu
 from alexnet_jax import errors
 from alexnet_jax import paths
 from alexnet_jax.data import augment
@@ -366,9 +367,8 @@ def prepare(settings: Settings, output: str, workers: int | None = None) -> dict
   todo = [s for s in shards if s.key not in progress.done]
   total_images = sum(_size(s) for s in shards)
   todo_images = sum(_size(s) for s in todo)
-  if workers is None:  # one per core this process may run on
-    workers = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-               else os.cpu_count() or 1)
+  if workers is None:
+    workers = cpu.usable_cores()
   logging.info('Preparing %d images of %s (%s) into %s: %d shards, %d to do, %d parallel '
                'images.',
                total_images, settings.source, ', '.join(settings.splits), output, len(shards),
