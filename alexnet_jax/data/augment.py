@@ -94,15 +94,16 @@ def random_offset(uniform: tf.Tensor, length: int, size: int) -> tf.Tensor:
   return tf.minimum(offset, starts - 1)  # float32 rounding can never reach `starts`.
 
 
-def center_offsets(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """(top, left) of the central size x size patch; rounds down."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
+def center_offsets(height, width, size: int):
+  """(top, left) of the central size x size patch of a height x width image (ints or tensors);
+  rounds down."""
   return (height - size) // 2, (width - size) // 2
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """The central size x size patch (the single-crop test patch)."""
-  return crop(image, *center_offsets(image, size), size)
+  shape = tf.shape(image)
+  return crop(image, *center_offsets(shape[0], shape[1], size), size)
 
 
 def horizontal_flip(image: tf.Tensor) -> tf.Tensor:
@@ -167,8 +168,8 @@ class TrainAugment:
       top = random_offset(draws[..., 0], height, self.size)
       left = random_offset(draws[..., 1], width, self.size)
     else:
-      top = tf.fill(tf.shape(draws)[:-1], (height - self.size) // 2)
-      left = tf.fill(tf.shape(draws)[:-1], (width - self.size) // 2)
+      top, left = (tf.fill(tf.shape(draws)[:-1], offset)
+                   for offset in center_offsets(height, width, self.size))
     flip = (tf.cast(draws[..., 2] < 0.5, tf.int32) if self.random_flip
             else tf.zeros_like(top))
     shift = (lighting_offset(draws[..., 3:6], self.eigval, self.eigvec, self.lighting_std,

@@ -174,11 +174,9 @@ def _folder_examples(shards: list[Shard]):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rows = [(pos, item, path, label) for pos, shard in enumerate(shards)
           for item, (path, label) in enumerate(shard.items)]
-  columns = ([np.int64(r[0]) for r in rows], [np.int64(r[1]) for r in rows],
-             [r[2] for r in rows], [np.int64(r[3]) for r in rows])
-  return tf.data.Dataset.from_tensor_slices(
-      tuple(tf.constant(c, dtype) for c, dtype in zip(columns, (tf.int64, tf.int64, tf.string,
-                                                                 tf.int64))))
+  return tf.data.Dataset.from_tensor_slices(tuple(
+      tf.constant([row[i] for row in rows], dtype)
+      for i, dtype in enumerate((tf.int64, tf.int64, tf.string, tf.int64))))
 
 
 def _tfds_examples(settings: Settings, shards: list[Shard]):

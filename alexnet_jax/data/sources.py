@@ -714,7 +714,6 @@ def parse_prepared(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   return {'encoded': ex['image'], 'label': tf.cast(ex['label'], tf.int32)}
 
 
-
 def read_segments(files: tf.Tensor, skips: tf.Tensor, takes: tf.Tensor) -> tf.data.Dataset:
   """Serialized records: takes[i] records of files[i] after its first skips[i], in turn."""
   return tf.data.Dataset.from_tensor_slices((files, skips, takes)).flat_map(
