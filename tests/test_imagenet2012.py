@@ -122,13 +122,18 @@ def test_paper_config_prepares_trains_and_evaluates_a_miniature_imagenet(tmp_pat
   from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
   prepared = tmp_path / 'prepared'
-  index = prepare.prepare(prepare.Settings(
+  settings = prepare.Settings(
       source='imagenet2012', data_dir=str(data), splits=('train', 'validation'),
-      train_split='train', resize_size=256, antialias=True, quality=90, shard_size=4),
-      str(prepared), workers=1)
+      train_split='train', resize_size=256, antialias=True, quality=90, shard_size=4)
+  index = prepare.prepare(settings, str(prepared), workers=1)
   assert [index['splits'][s]['num_examples'] for s in ('train', 'validation')] == [
       num_train, num_val]
   assert index['splits']['train']['num_unreadable'] == 0
+  # An image the parallel stage would leave out is named by its ImageNet file name: this one is
+  # readable, so the second, eager try says so.
+  _, shards = prepare.plan(settings)
+  where, why = prepare.why_unreadable(settings, shards[1], 0)
+  assert where in stored and why == 'unreadable once, readable on a second try'
   assert index['class_names'] == list(label_feature.names)
   assert index['stats']['num_images'] == num_train
   config = conftest.config('alexnet', dataset='prepared', data_dir=str(prepared), batch_size=4,

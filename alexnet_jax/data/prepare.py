@@ -204,20 +204,27 @@ def _tfds_examples(settings: Settings, shards: list[Shard]):
   return out
 
 
-def _unreadable(settings: Settings, shard: Shard, item: int) -> tuple[str, str]:
-  """(where, why) of an item the parallel stage left out: decoded once more, eagerly."""
+def why_unreadable(settings: Settings, shard: Shard, item: int) -> tuple[str, str]:
+  """(where, why) of an item the parallel stage left out, read and decoded once more, eagerly:
+  its path ('folder') or its TFDS file name, and the reason."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  encode = _square_encoder(settings)
   if settings.source == 'folder':
     where = shard.items[item][0]
-    try:
-      encode(tf.io.read_file(where))
-    except (tf.errors.OpError, ValueError) as e:
-      return where, sources.unreadable_reason(e)
-    return where, 'unreadable once, readable on a second try'
-  k = shard.items[0] + item
-  where = f'{settings.source}[{shard.split}][{k}]'
-  return where, 'could not be decoded'
+    load = lambda: tf.io.read_file(where)
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    k = shard.items[0] + item
+    builder = tfds.builder(settings.source, data_dir=settings.data_dir)
+    ex = next(iter(builder.as_dataset(split=f'{shard.split}[{k}:{k + 1}]', shuffle_files=False,
+                                      decoders={'image': tfds.decode.SkipDecoding()})))
+    name = ex['file_name'].numpy().decode() if 'file_name' in ex else ''
+    where = name or f'{settings.source}[{shard.split}][{k}]'
+    load = lambda: ex['image']
+  try:
+    _square_encoder(settings)(load())
+  except (tf.errors.OpError, ValueError) as e:
+    return where, sources.unreadable_reason(e)
+  return where, 'unreadable once, readable on a second try'
 
 
 class _ShardWriter:
@@ -241,7 +248,7 @@ class _ShardWriter:
     shard = self.shards[self.pos]
     self.writer.close()
     os.replace(str(self.path) + '.tmp', self.path)
-    unreadable = [_unreadable(self.settings, shard, i) for i in range(_size(shard))
+    unreadable = [why_unreadable(self.settings, shard, i) for i in range(_size(shard))
                   if i not in self.seen]
     self.done(shard, {'num_examples': len(self.seen), 'bytes': os.path.getsize(self.path),
                       'unreadable': unreadable,
@@ -289,7 +296,7 @@ def prepare_shards(settings: Settings, shards: list[Shard], output: str, paralle
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
   # A file that cannot be read or decoded fails its element, which ignore_errors leaves out;
-  # the shard's writer finds it missing and asks why (`_unreadable`).
+  # the shard's writer finds it missing and asks why (`why_unreadable`).
   ds = examples.map(lambda p, i, e, l: (p, i, l, encode(load(e))), num_parallel_calls=parallel)
   ds = ds.ignore_errors().prefetch(parallel).with_options(options)
   writer = _ShardWriter(settings, shards, output, done)
