@@ -19,9 +19,8 @@ image and RGB mean and §4.1's PCA of the RGB covariance, where a run of dataset
 them. OUTPUT/index.json (counts, shards, class names, the settings, the unreadable files) is
 written last: a folder without it is a preparation still under way.
 
-One process does the work: tf.data decodes, resizes and encodes --workers images at a time on
-its threads (default: one per core), and the shards are written in order as their images
-arrive. (Worker processes each started their own TensorFlow, ~6 s of a core, which cost more
+One process does the work: tf.data decodes, resizes and encodes the images on --workers
+threads (default: one per core), and the shards are written in order as their images arrive. (Worker processes each started their own TensorFlow, ~6 s of a core, which cost more
 than they gained on inputs of a few thousand images.) Progress, with an ETA, is logged after
 each shard; an interrupted preparation resumes with the same command, redoing only the shards
 not yet recorded in OUTPUT/.progress/. Images that cannot be decoded are
@@ -67,6 +66,7 @@ DEFAULT_QUALITY = 90
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~20 MB files for ImageNet, 1,252 training shards.
 SHUFFLE_SEED = 0  # the one-time order of the training split's files ('folder').
 PROGRESS_DIR = '.progress'
+WRITE_BATCH = 16  # images handed to the shards' writer at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,12 +264,15 @@ class _ShardWriter:
         return
       self._open(self.pos + 1)
 
-  def write(self, pos: int, item: int, label: int, example: dict[str, np.ndarray]) -> None:
+  def write(self, pos: int, items: np.ndarray, labels: np.ndarray,
+            examples: dict[str, np.ndarray]) -> None:
+    """Writes examples of shard `pos` (`items`: their places in it), in order."""
     self.advance(pos)
-    self.writer.write(sources.prepared_record(example['jpeg'], label))
+    for jpeg, label in zip(examples['jpeg'], labels):
+      self.writer.write(sources.prepared_record(jpeg, int(label)))
     if self.sums is not None:
-      self.sums.add_image(example['square'], example['outer'])
-    self.seen.add(item)
+      self.sums.add_squares(examples['square'], examples['outer'])
+    self.seen.update(items.tolist())
 
   def finish(self) -> None:
     self.advance(len(self.shards))  # closes the last one (opening none past the end)
@@ -277,8 +280,8 @@ class _ShardWriter:
 
 def prepare_shards(settings: Settings, shards: list[Shard], output: str, parallel: int,
                    done) -> None:
-  """Writes `shards` into `output` in order, decoding and encoding `parallel` images at a time
-  on tf.data's threads (one TensorFlow runtime, no worker processes to start); calls
+  """Writes `shards` into `output` in order, decoding and encoding the images on `parallel` of
+  tf.data's threads (one TensorFlow runtime, no worker processes to start); calls
   done(shard, result) after each, result = {'num_examples', 'bytes', 'unreadable': [(where,
   why)], 'sums': the shard's StatsSums arrays or None}."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -291,17 +294,27 @@ def prepare_shards(settings: Settings, shards: list[Shard], output: str, paralle
     examples, load = _tfds_examples(settings, shards), tf.identity
   options = tf.data.Options()
   options.deterministic = True  # the shards' bytes do not depend on `parallel`.
-  # One thread per image, and no autotuning of buffers: `parallel` images at a time is the
-  # whole parallelism (a resize's own threads would otherwise compete with the other images').
+  # `parallel` threads, each op on one of them, no autotuning of buffers: `parallel` cores' worth
+  # of work (with more threads, one image's JPEG encode and its statistics ran side by side on a
+  # second core, so that one "worker" used 1.2-1.4 cores). Two images in flight per thread: a
+  # slow image does not leave a thread idle while the order waits for it.
   options.threading.max_intra_op_parallelism = 1
+  options.threading.private_threadpool_size = parallel
   options.autotune.enabled = False
   # A file that cannot be read or decoded fails its element, which ignore_errors leaves out;
   # the shard's writer finds it missing and asks why (`why_unreadable`).
-  ds = examples.map(lambda p, i, e, l: (p, i, l, encode(load(e))), num_parallel_calls=parallel)
-  ds = ds.ignore_errors().prefetch(parallel).with_options(options)
+  ds = examples.map(lambda p, i, e, l: (p, i, l, encode(load(e))),
+                    num_parallel_calls=2 * parallel)
+  # Batches: one Python step per WRITE_BATCH images (per image, the iterator's own cost was
+  # ~0.7 ms of the main thread, a fifth of an image's decode and encode on a core).
+  ds = ds.ignore_errors().batch(WRITE_BATCH).prefetch(1).with_options(options)
   writer = _ShardWriter(settings, shards, output, done)
-  for pos, item, label, example in ds.as_numpy_iterator():
-    writer.write(int(pos), int(item), int(label), example)
+  for pos, items, labels, encoded in ds.as_numpy_iterator():
+    # A batch may end one shard and start the next: written run by run.
+    bounds = [0, *(np.flatnonzero(np.diff(pos)) + 1), len(pos)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+      writer.write(int(pos[a]), items[a:b], labels[a:b],
+                   {k: v[a:b] for k, v in encoded.items()})
   writer.finish()
 
 
@@ -350,8 +363,8 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
 
 
 def prepare(settings: Settings, output: str, workers: int | None = None) -> dict[str, Any]:
-  """Prepares every split of `settings` into `output` (resuming what is there), `workers`
-  images at a time (default: one per core this process may use); returns the index it writes to
+  """Prepares every split of `settings` into `output` (resuming what is there) on
+  `workers` threads (default: one per core this process may use); returns the index it writes to
   output/index.json."""
   start = time.time()
   output = str(paths.resolve(output))
@@ -374,8 +387,8 @@ def prepare(settings: Settings, output: str, workers: int | None = None) -> dict
   todo_images = sum(_size(s) for s in todo)
   if workers is None:
     workers = cpu.usable_cores()
-  logging.info('Preparing %d images of %s (%s) into %s: %d shards, %d to do, %d parallel '
-               'images.',
+  logging.info('Preparing %d images of %s (%s) into %s: %d shards, %d to do, on %d '
+               'threads.',
                total_images, settings.source, ', '.join(settings.splits), output, len(shards),
                len(todo), workers)
   done_images, t0 = 0, time.time()
@@ -454,8 +467,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool('antialias', True, 'Antialiased resize (config.resize_antialias).')
   flags.DEFINE_integer('quality', DEFAULT_QUALITY, 'JPEG quality of the squares (1-100).')
   flags.DEFINE_integer('shard_size', DEFAULT_SHARD_SIZE, 'Images per shard file.')
-  flags.DEFINE_integer('workers', None, 'Images decoded and encoded at a time, on threads of '
-                       'this one process (default: one per core this process may use).')
+  flags.DEFINE_integer('workers', None, 'Threads that decode and encode the images, in this one '
+                       'process (default: one per core this process may use).')
 
 
 def main(argv) -> None:

@@ -80,12 +80,13 @@ class StatsSums:
     self.outer_sum += rgb.T @ rgb
     self.count += len(images)
 
-  def add_image(self, square: np.ndarray, outer: np.ndarray) -> None:
-    """Adds one image [R, R, 3] whose sum of x x^T over its pixels (`outer`, [3, 3]) was
-    computed elsewhere (in the preparation's parallel stage); the same sums as `add`."""
-    self.pixel_sum += square
-    self.outer_sum += outer
-    self.count += 1
+  def add_squares(self, squares: np.ndarray, outers: np.ndarray) -> None:
+    """Adds uint8 images [n, R, R, 3] whose sums of x x^T over their pixels (`outers`,
+    [n, 3, 3]) were computed elsewhere (in the preparation's parallel stage); the same sums as
+    `add`."""
+    self.pixel_sum += squares.sum(axis=0, dtype=np.int64)
+    self.outer_sum += outers.sum(axis=0)
+    self.count += len(squares)
 
   def merge(self, other: 'StatsSums') -> None:
     self.pixel_sum += other.pixel_sum
