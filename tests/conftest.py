@@ -14,7 +14,11 @@ import subprocess
 import tempfile
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# 8 simulated CPU devices, and XLA's backend (LLVM) optimisations off: compiling is most of the
+# suite's time (a cold 12-step run of configs/tiny.py: 25 CPU s against 15), the checks compare
+# values, not speed, and the convolutions run the same library calls at either level.
+os.environ.setdefault('XLA_FLAGS', f'{_DEVICE_COUNT_FLAG}=8 --xla_backend_optimization_level=0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Compiled programs are cached across tests and the main.py subprocesses they start: the same
 # tiny network is compiled by many tests.
@@ -84,6 +88,13 @@ def tiny_workdir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- subprocesses
+
+
+def env_with_devices(devices: int) -> dict[str, str]:
+  """This environment with `devices` simulated CPU devices instead of 8 (XLA's other flags
+  kept), for a command started as a subprocess."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  return dict(os.environ, XLA_FLAGS=' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={devices}']))
 
 
 def free_port() -> int:

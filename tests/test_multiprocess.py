@@ -27,8 +27,7 @@ TIMEOUT_S = 240  # per group of processes; a healthy start + 4 tiny steps takes 
 
 
 def _env(devices: int) -> dict[str, str]:
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              PYTHONUNBUFFERED='1')
+  return dict(conftest.env_with_devices(devices), PYTHONUNBUFFERED='1')
 
 
 def _main(workdir, *flags) -> list[str]:
