@@ -64,7 +64,28 @@ def test_values_and_gradients_match_xla(shape):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.skipif(not onednn.cpu_has_bf16(), reason='no AVX512-BF16/AMX on this CPU')
+def test_a_cap_on_onednn_below_bf16_means_no_native_bf16(monkeypatch):
+  """ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX512-BF16 keeps oneDNN from those
+  instructions whatever /proc/cpuinfo says (capped at AVX2, it has no bfloat16 convolution at
+  all), so bfloat16 runs choose XLA's convolutions."""
+  for name in ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA'):
+    monkeypatch.delenv(name, raising=False)
+  try:
+    onednn.cpu_has_bf16.cache_clear()
+    native = onednn.cpu_has_bf16()
+    for name, cap, expected in [('ONEDNN_MAX_CPU_ISA', 'AVX2', False),
+                                ('ONEDNN_MAX_CPU_ISA', 'avx512_core_bf16', native),
+                                ('DNNL_MAX_CPU_ISA', 'AVX512_CORE_VNNI', False)]:
+      monkeypatch.setenv(name, cap)
+      onednn.cpu_has_bf16.cache_clear()
+      assert onednn.cpu_has_bf16() == expected, (name, cap)
+      monkeypatch.delenv(name)
+  finally:
+    onednn.cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.skipif(not onednn.cpu_has_bf16(),
+                    reason='no AVX512-BF16/AMX on this CPU, or ONEDNN_MAX_CPU_ISA below them')
 @pytest.mark.parametrize('shape', [(3, 27, 48, 128, 5, 1, 2), (2, 36, 3, 96, 11, 4, 2)])
 def test_bfloat16_matches_float32_of_the_rounded_operands(shape):
   # bfloat16 in and out: compare with float32 XLA on the same (bfloat16-rounded) inputs; what

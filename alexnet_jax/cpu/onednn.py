@@ -156,10 +156,20 @@ def unavailable_reason() -> str | None:
   return _unavailable_reason
 
 
+# The values of oneDNN's cap on the instructions it may use (ONEDNN_MAX_CPU_ISA, or its older
+# name DNNL_MAX_CPU_ISA) that leave out AVX512-BF16 and AMX.
+_CAPS_WITHOUT_BF16 = ('sse41', 'avx', 'avx2', 'avx2_vnni', 'avx2_vnni_2', 'avx512_core',
+                      'avx512_core_vnni')
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_bf16() -> bool:
   """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read from
-  /proc/cpuinfo; without it oneDNN's bfloat16 convolutions are no faster than float32."""
+  /proc/cpuinfo, and oneDNN may use those instructions (no cap below them); without them
+  oneDNN's bfloat16 convolutions are no faster than float32, or, capped at AVX2, not there."""
+  cap = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or ''
+  if cap.lower() in _CAPS_WITHOUT_BF16:
+    return False
   try:
     with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
       flags = next((line for line in f if line.startswith('flags')), '').split()
