@@ -93,7 +93,8 @@ def tiny_workdir(tmp_path_factory):
 def env_with_devices(devices: int) -> dict[str, str]:
   """This environment with `devices` simulated CPU devices instead of 8 (XLA's other flags
   kept), for a command started as a subprocess."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith(_DEVICE_COUNT_FLAG)]
   return dict(os.environ, XLA_FLAGS=' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={devices}']))
 
 

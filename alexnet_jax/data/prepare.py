@@ -20,13 +20,13 @@ them. OUTPUT/index.json (counts, shards, class names, the settings, the unreadab
 written last: a folder without it is a preparation still under way.
 
 One process does the work: tf.data decodes, resizes and encodes the images on --workers
-threads (default: one per core), and the shards are written in order as their images arrive. (Worker processes each started their own TensorFlow, ~6 s of a core, which cost more
-than they gained on inputs of a few thousand images.) Progress, with an ETA, is logged after
-each shard; an interrupted preparation resumes with the same command, redoing only the shards
-not yet recorded in OUTPUT/.progress/. Images that cannot be decoded are
-skipped, counted and listed in the index. ImageNet's oddities decode as images: CMYK and
-greyscale JPEGs (TensorFlow's decoder converts them to RGB) and PNG files named .JPEG (the
-decoder follows the content, not the name).
+threads (default: one per core), and the shards are written in order as their images arrive.
+(Worker processes each started their own TensorFlow, ~6 s of a core, which cost more than they
+gained on inputs of a few thousand images.) Progress, with an ETA, is logged after each shard;
+an interrupted preparation resumes with the same command, redoing only the shards not yet
+recorded in OUTPUT/.progress/. Images that cannot be decoded are skipped, counted and listed in
+the index. ImageNet's oddities decode as images: CMYK and greyscale JPEGs (TensorFlow's decoder
+converts them to RGB) and PNG files named .JPEG (the decoder follows the content, not the name).
 """
 
 from __future__ import annotations
@@ -124,7 +124,6 @@ def plan(settings: Settings) -> tuple[tuple[str, ...], list[Shard]]:
     classes = sources.folder_class_names(config)
     class_index = {name: i for i, name in enumerate(classes)}
     for split in settings.splits:
-      # pylint: disable-next=protected-access
       _, files = sources.list_folder(sources.split_dir(config, split))
       unknown = sorted({c for _, c in files if c not in class_index})
       if unknown:
@@ -140,7 +139,7 @@ def plan(settings: Settings) -> tuple[tuple[str, ...], list[Shard]]:
   classes = tuple(builder.info.features['label'].names)
   for split in settings.splits:
     try:
-      n = sources.tfds_num_examples(builder, split)  # pylint: disable=protected-access
+      n = sources.tfds_num_examples(builder, split)
     except (KeyError, ValueError) as e:
       raise DataError(f'{settings.source} has no split {split!r} ({errors.one_line(e)}); its splits '
                       f'are {sorted(builder.info.splits)}') from None
@@ -363,8 +362,8 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
 
 
 def prepare(settings: Settings, output: str, workers: int | None = None) -> dict[str, Any]:
-  """Prepares every split of `settings` into `output` (resuming what is there) on
-  `workers` threads (default: one per core this process may use); returns the index it writes to
+  """Prepares every split of `settings` into `output` (resuming what is there) on `workers`
+  threads (default: one per core this process may use); returns the index it writes to
   output/index.json."""
   start = time.time()
   output = str(paths.resolve(output))
@@ -503,7 +502,7 @@ def main(argv) -> None:
                       shard_size=f.shard_size)
   if settings.source == 'folder':  # a missing split folder: one line, and no --output made
     for split in settings.splits:
-      sources.split_dir(_source_config(settings), split)  # pylint: disable=protected-access
+      sources.split_dir(_source_config(settings), split)
   cli.prepare_output(f.output, folder=True)
   index = prepare(settings, f.output, f.workers)
   for split, info in index['splits'].items():
