@@ -183,7 +183,8 @@ def _tfds_examples(settings: Settings, shards: list[Shard]):
   read once, from its first shard to do to its last."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(settings.source, data_dir=settings.data_dir)
+  builder = sources.tfds_builder(_source_config(settings))
+  starts = np.array([s.items[0] for s in shards], np.int64)
   out = None
   for split in dict.fromkeys(s.split for s in shards):  # in order, once each
     mine = [(pos, s) for pos, s in enumerate(shards) if s.split == split]
@@ -192,7 +193,6 @@ def _tfds_examples(settings: Settings, shards: list[Shard]):
     wanted = np.full(last - first, -1, np.int64)
     for pos, s in mine:
       wanted[s.items[0] - first:s.items[1] - first] = pos
-    starts = np.array([s.items[0] for s in shards], np.int64)
     ds = builder.as_dataset(split=f'{split}[{first}:{last}]', shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
     ds = ds.enumerate(first).map(lambda k, ex: (tf.gather(wanted, k - first), k, ex['image'],
@@ -213,7 +213,7 @@ def why_unreadable(settings: Settings, shard: Shard, item: int) -> tuple[str, st
   else:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     k = shard.items[0] + item
-    builder = tfds.builder(settings.source, data_dir=settings.data_dir)
+    builder = sources.tfds_builder(_source_config(settings))
     ex = next(iter(builder.as_dataset(split=f'{shard.split}[{k}:{k + 1}]', shuffle_files=False,
                                       decoders={'image': tfds.decode.SkipDecoding()})))
     name = ex['file_name'].numpy().decode() if 'file_name' in ex else ''
