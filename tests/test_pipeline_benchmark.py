@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from alexnet_jax.bench import pipeline as pipeline_benchmark
+from alexnet_jax.bench import preparation
+from alexnet_jax.errors import UserError
 from configs import alexnet
 
 
@@ -43,3 +45,28 @@ def test_readers_are_compared_on_the_same_prepared_images(tmp_path):
     assert len(row['turns'][key]) == 2
     assert row[key] == pytest.approx(np.mean(row['turns'][key]), abs=1)
   assert row['ours_vs_bare_decode'] == pytest.approx(row['ours'] / row['bare_decode'], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_preparation_is_measured_against_share_nothing_processes(tmp_path):
+  """Each of the three measurements prepares every image once (the 2 processes split the shards
+  between them) in fresh processes; the ratios are those of the rates."""
+  pipeline_benchmark.write_jpegs(str(tmp_path), 20, long_side=64)
+  result = preparation.compare(str(tmp_path), workers=2, rounds=1, shard_size=4)
+  assert result['images'] == 20 and result['shards'] == 5 and result['workers'] == 2
+  median = result['median_images_per_sec']
+  assert set(result['turns']) == set(median) == {'1_thread', '2_threads', '2_processes'}
+  for mode, (turn,) in result['turns'].items():
+    assert turn['images'] == 20, mode  # written, counted by the processes themselves
+    assert turn['cores_busy'] > 0, mode
+    assert median[mode] == turn['images_per_sec'] == pytest.approx(20 / turn['seconds'], rel=0.01)
+  assert result['threads_vs_processes'] == pytest.approx(
+      median['2_threads'] / median['2_processes'], abs=2e-3)
+  assert result['threads_vs_1_thread'] == pytest.approx(
+      median['2_threads'] / median['1_thread'], abs=2e-3)
+
+
+def test_preparation_benchmark_needs_a_shard_per_process(tmp_path):
+  pipeline_benchmark.write_jpegs(str(tmp_path), 3, long_side=64)
+  with pytest.raises(UserError, match='too few to split among --workers=2'):
+    preparation.compare(str(tmp_path), workers=2, rounds=1, shard_size=4)
