@@ -8,6 +8,7 @@ from PIL import Image
 
 from alexnet_jax.bench import pipeline as pipeline_benchmark
 from alexnet_jax.bench import preparation
+from alexnet_jax.data import prepare
 from alexnet_jax.errors import UserError
 from configs import alexnet
 
@@ -48,22 +49,39 @@ def test_readers_are_compared_on_the_same_prepared_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_preparation_is_measured_against_share_nothing_processes(tmp_path):
-  """Each of the three measurements prepares every image once (the 2 processes split the shards
-  between them) in fresh processes; the ratios are those of the rates."""
+def test_share_nothing_processes_prepare_every_image_once(tmp_path):
+  """Two fresh processes at once, each on every other shard: together they write every image,
+  counted by themselves; the rate is over the span from the first start to the last end."""
   pipeline_benchmark.write_jpegs(str(tmp_path), 20, long_side=64)
-  result = preparation.compare(str(tmp_path), workers=2, rounds=1, shard_size=4)
-  assert result['images'] == 20 and result['shards'] == 5 and result['workers'] == 2
-  median = result['median_images_per_sec']
-  assert set(result['turns']) == set(median) == {'1_thread', '2_threads', '2_processes'}
-  for mode, (turn,) in result['turns'].items():
-    assert turn['images'] == 20, mode  # written, counted by the processes themselves
-    assert turn['cores_busy'] > 0, mode
-    assert median[mode] == turn['images_per_sec'] == pytest.approx(20 / turn['seconds'], rel=0.01)
-  assert result['threads_vs_processes'] == pytest.approx(
-      median['2_threads'] / median['2_processes'], abs=2e-3)
-  assert result['threads_vs_1_thread'] == pytest.approx(
-      median['2_threads'] / median['1_thread'], abs=2e-3)
+  settings = preparation.folder_settings(str(tmp_path), shard_size=4)
+  _, shards = prepare.plan(settings)
+  assert len(shards) == 5
+  row = preparation.measure(settings, shards, processes=2, threads=1)
+  assert row['images'] == 20 and row['cores_busy'] > 0
+  assert row['images_per_sec'] == pytest.approx(20 / row['seconds'], rel=0.01)
+
+
+def test_preparation_modes_take_turns_and_their_medians_are_compared(tmp_path, monkeypatch):
+  calls = []
+  rates = {(1, 1): [300, 100, 200], (1, 2): [450, 500, 400], (2, 1): [480, 470, 600]}
+
+  def measure(settings, shards, processes, threads):
+    del settings
+    calls.append((processes, threads))
+    rate = rates[processes, threads][sum(c == calls[-1] for c in calls) - 1]
+    return {'images': sum(len(s.items) for s in shards), 'seconds': 1.0, 'images_per_sec': rate,
+            'cores_busy': 1.0}
+
+  monkeypatch.setattr(preparation, 'measure', measure)
+  pipeline_benchmark.write_jpegs(str(tmp_path), 8, long_side=64)
+  result = preparation.compare(str(tmp_path), workers=2, rounds=3, shard_size=4)
+  assert calls == [(1, 1), (1, 2), (2, 1)] * 3  # in rotation, not one mode's turns in a row
+  assert result['median_images_per_sec'] == {'1_thread': 200, '2_threads': 450,
+                                             '2_processes': 480}
+  assert result['threads_vs_1_thread'] == 2.25
+  assert result['threads_vs_processes'] == pytest.approx(450 / 480, abs=1e-3)
+  assert result['processes_vs_1_thread'] == 2.4
+  assert result['images'] == 8 and result['shards'] == 2
 
 
 def test_preparation_benchmark_needs_a_shard_per_process(tmp_path):

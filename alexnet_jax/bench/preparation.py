@@ -37,7 +37,9 @@ from alexnet_jax.bench import pipeline
 from alexnet_jax.errors import UserError
 
 
-def _settings(directory: str, shard_size: int):
+def folder_settings(directory: str, shard_size: int):
+  """The 'folder' preparation of directory/train at the paper's 256 (antialiased, the default
+  quality)."""
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
   return prepare.Settings(source='folder', data_dir=directory, splits=('train',),
                           train_split='train', resize_size=256, antialias=True,
@@ -98,8 +100,8 @@ def compare(directory: str, workers: int, rounds: int, shard_size: int) -> dict:
   """The three measurements of the module's docstring, `rounds` times in rotation, and their
   medians and ratios."""
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  settings = _settings(directory, shard_size)
-  _, shards = prepare.plan(settings)
+  prepared = folder_settings(directory, shard_size)
+  _, shards = prepare.plan(prepared)
   if len(shards) < workers:
     raise UserError(f'The images make {len(shards)} shard(s) of --shard_size={shard_size}, too '
                     f'few to split among --workers={workers} processes: lower --shard_size or '
@@ -109,7 +111,7 @@ def compare(directory: str, workers: int, rounds: int, shard_size: int) -> dict:
   turns = {mode: [] for mode in modes}
   for r in range(rounds):
     for mode, (processes, threads) in modes.items():
-      row = measure(settings, shards, processes, threads)
+      row = measure(prepared, shards, processes, threads)
       turns[mode].append(row)
       print(f'round {r + 1}: {mode:>12s} {row["images_per_sec"]:8.1f} images/s, '
             f'{row["cores_busy"]:.2f} cores busy', flush=True)
