@@ -11,8 +11,8 @@ import conftest
 @pytest.mark.slow
 def test_benchmark_command_prints_json_measurements():
   cmd = [sys.executable, '-m', 'alexnet_jax.bench.benchmark', '--config=configs/tiny.py',
-         '--what=train,eval,layers', '--steps=1', '--warmup=0', '--json', '--cpu_devices=2',
-         '--batch_size=4']
+         '--what=train,eval,layers', '--layers=conv1,pool1', '--steps=1', '--warmup=0', '--json',
+         '--cpu_devices=2', '--batch_size=4']
   proc = conftest.run(cmd)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
@@ -33,7 +33,9 @@ def test_benchmark_command_prints_json_measurements():
   assert f'kernels: {kernels.Kernels(**resolved).describe()}' in proc.stdout
   assert {'eval_center_crop', 'eval_ten_crop'} <= set(by_kind)
   layers = {(r['layer'], r['impl']) for r in by_kind['layer']}
-  assert ('conv1', 'im2col') in layers and ('pool1', 'reduce_window') in layers
+  assert {('conv1', 'im2col'), ('conv1', 'direct'), ('pool1', 'mask'),
+          ('pool1', 'reduce_window')} <= layers
+  assert {layer for layer, _ in layers} == {'conv1', 'pool1'}  # --layers: only those
   assert train['parallelism'] == 'data' and train['peak_memory_bytes'] > 0
 
 

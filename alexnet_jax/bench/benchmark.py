@@ -3,6 +3,7 @@
   python -m alexnet_jax.bench.benchmark                        # train step, batch 128, fp32
   python -m alexnet_jax.bench.benchmark --what=train,eval,pipeline,loop --json
   python -m alexnet_jax.bench.benchmark --what=layers                     # each layer, both ways
+  python -m alexnet_jax.bench.benchmark --what=layers --layers=conv1,pool1  # only these
   python -m alexnet_jax.bench.benchmark --config.dtype=bfloat16
   python -m alexnet_jax.bench.benchmark --cpu_devices=8 --devices=8 --config.parallelism=columns
   python -m alexnet_jax.bench.benchmark --peer=alexnet_jax/bench/peer_torch.py  # + PyTorch
@@ -38,12 +39,14 @@ from alexnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 MEASUREMENTS = ('train', 'eval', 'pipeline', 'loop', 'layers')
+LAYERS = ('conv1', 'lrn1', 'pool1', 'conv2', 'conv3')  # those --what=layers times
 
 
 def _define_flags() -> None:
   config_flags.DEFINE_config_file('config', cli.checkout_config('alexnet.py'),
                                   'Config whose network is measured (configs/alexnet.py).')
   flags.DEFINE_list('what', ['train'], f'Measurements, any of {MEASUREMENTS}.')
+  flags.DEFINE_list('layers', list(LAYERS), f'--what=layers: which of {LAYERS}.')
   flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s, 128).')
   flags.DEFINE_integer('steps', 5, 'Timed repetitions (the median is reported).')
   flags.DEFINE_integer('warmup', 2, 'Untimed repetitions after compilation.')
@@ -334,8 +337,9 @@ def measure_loop(config: Any, directory: str, num_devices: int, steps_: int,
           'device_prefetch': config.device_prefetch, 'source': config.dataset}
 
 
-def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]:
-  """Forward+backward of the layers that have two implementations, each way, paper sizes.
+def measure_layers(batch: int, steps_: int, warmup: int,
+                   layers: tuple[str, ...] = LAYERS) -> list[dict[str, Any]]:
+  """Forward+backward of the `layers` that have two implementations, each way, paper sizes.
 
   What `ops` and `models.ColumnConv` choose between: conv1 (im2col vs XLA's strided
   convolution; kernel gradient only, as in training), LRN1 (hand-written vs autodiff gradient),
@@ -380,7 +384,7 @@ def measure_layers(batch: int, steps_: int, warmup: int) -> list[dict[str, Any]]
          (pool2, w3)),
     ]
   results = []
-  for layer, impl, f, args in cases:
+  for layer, impl, f, args in [c for c in cases if c[0] in layers]:
 
     def fwd_bwd(*a, f=f):
       y, vjp = jax.vjp(f, *a)
@@ -441,6 +445,9 @@ def main(argv) -> None:
   unknown = set(FLAGS.what) - set(MEASUREMENTS)
   if unknown:
     raise UserError(f'--what: unknown {sorted(unknown)}; choose from {MEASUREMENTS}')
+  unknown = set(FLAGS.layers) - set(LAYERS)
+  if unknown:
+    raise UserError(f'--layers: unknown {sorted(unknown)}; choose from {LAYERS}')
   unknown = set(FLAGS.peer_malloc) - {'default', 'kept'}
   if unknown:
     raise UserError(f'--peer_malloc: unknown {sorted(unknown)}; choose default, kept')
@@ -493,7 +500,7 @@ def main(argv) -> None:
                                              bare[0]['train_images_per_sec'])
       _print(results[-1], FLAGS.json)
   if 'layers' in FLAGS.what:
-    for r in measure_layers(config.batch_size, FLAGS.steps, FLAGS.warmup):
+    for r in measure_layers(config.batch_size, FLAGS.steps, FLAGS.warmup, tuple(FLAGS.layers)):
       results.append(r)
       _print(r, FLAGS.json)
 
