@@ -53,7 +53,7 @@ def test_share_nothing_processes_prepare_every_image_once(tmp_path):
   """Two fresh processes at once, each on every other shard: together they write every image,
   counted by themselves; the rate is over the span from the first start to the last end."""
   pipeline_benchmark.write_jpegs(str(tmp_path), 20, long_side=64)
-  settings = preparation.folder_settings(str(tmp_path), shard_size=4)
+  settings = pipeline_benchmark.folder_settings(str(tmp_path), shard_size=4)
   _, shards = prepare.plan(settings)
   assert len(shards) == 5
   row = preparation.measure(settings, shards, processes=2, threads=1)

@@ -96,16 +96,23 @@ def count_images(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(os.path.join(directory, 'train')))
 
 
+def folder_settings(directory: str, shard_size: int, resize_size: int = 256,
+                    antialias: bool = True):
+  """The preparation (`data.prepare.Settings`) of the JPEGs in directory/train, at the default
+  JPEG quality."""
+  from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  return prepare.Settings(source='folder', data_dir=directory, splits=('train',),
+                          train_split='train', resize_size=resize_size, antialias=antialias,
+                          quality=prepare.DEFAULT_QUALITY, shard_size=shard_size)
+
+
 def prepared_copy(config, directory: str) -> tuple[str, dict]:
   """directory/train prepared once into directory + '_prepared' (reused when finished there);
   returns the folder and {'prepare_images_per_sec', 'prepare_workers', 'bytes_per_image'}."""
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
   output = directory.rstrip('/') + '_prepared'
-  settings = prepare.Settings(source='folder', data_dir=directory, splits=('train',),
-                              train_split='train', resize_size=config.resize_size,
-                              antialias=config.resize_antialias,
-                              quality=prepare.DEFAULT_QUALITY,
-                              shard_size=prepare.DEFAULT_SHARD_SIZE // 4)
+  settings = folder_settings(directory, prepare.DEFAULT_SHARD_SIZE // 4, config.resize_size,
+                             config.resize_antialias)
   fresh = not os.path.exists(os.path.join(output, 'index.json'))
   start = time.perf_counter()
   index = prepare.prepare(settings, output, workers=cpu.usable_cores())

@@ -37,15 +37,6 @@ from alexnet_jax.bench import pipeline
 from alexnet_jax.errors import UserError
 
 
-def folder_settings(directory: str, shard_size: int):
-  """The 'folder' preparation of directory/train at the paper's 256 (antialiased, the default
-  quality)."""
-  from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  return prepare.Settings(source='folder', data_dir=directory, splits=('train',),
-                          train_split='train', resize_size=256, antialias=True,
-                          quality=prepare.DEFAULT_QUALITY, shard_size=shard_size)
-
-
 def _prepare_part(settings, shards, threads: int, output: str, barrier, results) -> None:
   """In a fresh process: waits for the measurement's other processes, prepares `shards` on
   `threads` threads, puts (start, end, CPU seconds, images written) on `results`."""
@@ -100,7 +91,7 @@ def compare(directory: str, workers: int, rounds: int, shard_size: int) -> dict:
   """The three measurements of the module's docstring, `rounds` times in rotation, and their
   medians and ratios."""
   from alexnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  prepared = folder_settings(directory, shard_size)
+  prepared = pipeline.folder_settings(directory, shard_size)
   _, shards = prepare.plan(prepared)
   if len(shards) < workers:
     raise UserError(f'The images make {len(shards)} shard(s) of --shard_size={shard_size}, too '
