@@ -293,10 +293,11 @@ def prepare_shards(settings: Settings, shards: list[Shard], output: str, paralle
     examples, load = _tfds_examples(settings, shards), tf.identity
   options = tf.data.Options()
   options.deterministic = True  # the shards' bytes do not depend on `parallel`.
-  # `parallel` threads, each op on one of them, no autotuning of buffers: `parallel` cores' worth
-  # of work (with more threads, one image's JPEG encode and its statistics ran side by side on a
-  # second core, so that one "worker" used 1.2-1.4 cores). Two images in flight per thread: a
-  # slow image does not leave a thread idle while the order waits for it.
+  # `parallel` threads for the images, each op on one of them, no autotuning of buffers. (One
+  # thread still keeps about 1.2 cores busy: the writer on this thread, and TensorFlow's own
+  # threads beside the pool; 2 threads run at 0.96 of two share-nothing processes on 2 cores,
+  # BENCHMARKS.md.) Two images in flight per thread: a slow image does not leave a thread idle
+  # while the order waits for it.
   options.threading.max_intra_op_parallelism = 1
   options.threading.private_threadpool_size = parallel
   options.autotune.enabled = False
