@@ -43,6 +43,7 @@ _BATCH = 64
 _LOG_EVERY_IMAGES = 2048
 
 
+@tf.autograph.experimental.do_not_convert  # (as the pipeline's: see its docstring)
 def _square_images(config, num_images: int | None
                    ) -> tuple[tf.data.Dataset, np.ndarray | int, data_sources.Split]:
   """Batches {'image': squares (uint8-valued float32), 'index'}, the indices asked for (a count
