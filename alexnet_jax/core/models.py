@@ -406,9 +406,12 @@ def create_model(config: Any, kernels: Kernels | None = None, split: str = 'none
 
 
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:
-  """Initial parameters (§5 scheme) for images of `image_size` x `image_size` x 3."""
+  """Initial parameters (§5 scheme) for images of `image_size` x `image_size` x 3.
+
+  One jitted program: the forward pass that `init` traces is dropped, and the draws are not
+  compiled one operation at a time (op by op, the paper network's took seconds)."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return model.init({'params': rng}, x, train=False)['params']
+  return jax.jit(lambda k: model.init({'params': k}, x, train=False)['params'])(rng)
 
 
 def fc7_features(model: AlexNet, params: Any, images: jax.Array) -> jax.Array:

@@ -57,7 +57,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
                        image_size: int) -> TrainState:
   """Initial state: §5's initialisation from `seed`, fresh optimizer state, step 0."""
   init_key, base_key = jax.random.split(jax.random.key(seed))
-  params = jax.jit(lambda k: models.init_params(model, k, image_size))(init_key)
+  params = models.init_params(model, init_key, image_size)
   # Jitted: unjitted, optax's init compiles a small program per parameter array (about 2 s for
   # 'owt', at every start and every restore).
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
