@@ -5,20 +5,23 @@ Test files import the helpers as `import conftest` (tests/ is on sys.path: pytes
 import mode).
 """
 
+import json
 import os
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+_OPTIMISATION_FLAG = '--xla_backend_optimization_level'
 # 8 simulated CPU devices, and XLA's backend (LLVM) optimisations off: compiling is most of the
 # suite's time (a cold 12-step run of configs/tiny.py: 25 CPU s against 15), the checks compare
 # values, not speed, and the convolutions run the same library calls at either level.
-os.environ.setdefault('XLA_FLAGS', f'{_DEVICE_COUNT_FLAG}=8 --xla_backend_optimization_level=0')
+os.environ.setdefault('XLA_FLAGS', f'{_DEVICE_COUNT_FLAG}=8 {_OPTIMISATION_FLAG}=0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Compiled programs are cached across tests and the main.py subprocesses they start: the same
 # tiny network is compiled by many tests.
@@ -90,12 +93,21 @@ def tiny_workdir(tmp_path_factory):
 # ---------------------------------------------------------------- subprocesses
 
 
+def _env_with_xla_flags(leave_out: str, *add: str) -> dict[str, str]:
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(leave_out)]
+  return dict(os.environ, XLA_FLAGS=' '.join([*flags, *add]))
+
+
 def env_with_devices(devices: int) -> dict[str, str]:
   """This environment with `devices` simulated CPU devices instead of 8 (XLA's other flags
   kept), for a command started as a subprocess."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith(_DEVICE_COUNT_FLAG)]
-  return dict(os.environ, XLA_FLAGS=' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={devices}']))
+  return _env_with_xla_flags(_DEVICE_COUNT_FLAG, f'{_DEVICE_COUNT_FLAG}={devices}')
+
+
+def env_optimised() -> dict[str, str]:
+  """This environment with XLA's backend optimisations at their default (XLA's other flags
+  kept), for a command whose time is in running its programs, not in compiling them."""
+  return _env_with_xla_flags(_OPTIMISATION_FLAG)
 
 
 def free_port() -> int:
@@ -155,6 +167,27 @@ def run(args, *, cwd=ROOT, env=None, timeout=300, check=False, stderr=subprocess
     error.add_note(_tail(('stdout', stdout or ''), ('stderr', err or '')))
     raise error
   return result
+
+
+def run_commands(cases, *, timeout=300) -> list[subprocess.CompletedProcess]:
+  """Runs the commands `cases`, [(argv after `python`, cwd)], one after another in one
+  interpreter (tests/commands_worker.py: each as __main__, its flags removed after it), and
+  returns a CompletedProcess per case with its exit status and its stdout and stderr (text).
+  For commands that stop early (--help, a user error): each saves the ~4 s of importing
+  TensorFlow and JAX that a `python` of its own would spend first."""
+  folder = tempfile.mkdtemp(prefix='commands_')
+  try:
+    cases_path, report_path = (os.path.join(folder, f) for f in ('cases.json', 'report.json'))
+    with open(cases_path, 'w', encoding='utf-8') as f:
+      json.dump([{'argv': [str(a) for a in argv], 'cwd': str(cwd)} for argv, cwd in cases], f)
+    run([sys.executable, os.path.join(ROOT, 'tests', 'commands_worker.py'), cases_path,
+         report_path], timeout=timeout, check=True)
+    with open(report_path, encoding='utf-8') as f:
+      report = json.load(f)
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+  return [subprocess.CompletedProcess(argv, r['returncode'], r['stdout'], r['stderr'])
+          for (argv, _), r in zip(cases, report)]
 
 
 class Processes:

@@ -1,7 +1,8 @@
 """One convention for user errors in every command, and no import-time side effects.
 
-Every command is started as a user would, from a directory outside the checkout, with one
-mistake: one line `Error: ...` naming it, exit status 2, no traceback, nothing created.
+Every command is run as a user would run it (as its `__main__`, with its argv), from a directory
+outside the checkout, with one mistake: one line `Error: ...` naming it, exit status 2, no
+traceback, nothing created.
 """
 
 import os
@@ -57,18 +58,15 @@ def _cases(tmp):
 def test_every_command_reports_a_user_error_in_one_line(tmp_path):
   cases = _cases(str(tmp_path))
   before = sorted(os.listdir(tmp_path))
-  # Started together: the time is in importing TensorFlow and JAX, ten times.
-  # (Their logs go to a folder of their own: tmp_path must stay as it is.)
-  with conftest.Processes() as group:
-    for _, argv, _ in cases:
-      group.start([sys.executable, *argv], cwd=tmp_path, stderr=conftest.LOG)
-    for i, (name, argv, expected) in enumerate(cases):
-      returncode = group.wait_one(i, timeout=300)
-      out, err = group.output(i), group.errors(i)
-      lines = [line for line in err.splitlines() if line.startswith('Error: ')]
-      assert returncode == cli.EXIT_USER_ERROR, (name, out, err[-3000:])
-      assert len(lines) == 1 and expected in lines[0], (name, err[-3000:])
-      assert 'Traceback' not in err, (name, err[-3000:])
+  # One after another in one interpreter (conftest.run_commands), from tmp_path; main.py's
+  # first case also as a process of its own, as a user starts it.
+  results = conftest.run_commands([(argv, tmp_path) for _, argv, _ in cases])
+  alone = conftest.run([sys.executable, *cases[0][1]], cwd=tmp_path)
+  for (name, _, expected), proc in zip([*cases, cases[0]], [*results, alone]):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith('Error: ')]
+    assert proc.returncode == cli.EXIT_USER_ERROR, (name, proc.stdout, proc.stderr[-3000:])
+    assert len(lines) == 1 and expected in lines[0], (name, proc.stderr[-3000:])
+    assert 'Traceback' not in proc.stderr, (name, proc.stderr[-3000:])
   assert sorted(os.listdir(tmp_path)) == before  # no half-created workdir or output
 
 

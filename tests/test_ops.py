@@ -15,10 +15,11 @@ def _relu_input(shape, seed=0):
 
 
 def _grads(f, *args):
-  """Gradient of a random projection of f's output (exercises every output's cotangent)."""
-  out = f(*args)
-  proj = jax.random.normal(jax.random.key(42), out.shape)
-  return jax.grad(lambda *a: jnp.sum(f(*a) * proj), argnums=tuple(range(len(args))))(*args)
+  """Gradient of a random projection of f's output (exercises every output's cotangent), as one
+  jitted program (op by op, each operation is compiled apart: seconds per case)."""
+  proj = jax.random.normal(jax.random.key(42), jax.eval_shape(f, *args).shape)
+  return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * proj),
+                          argnums=tuple(range(len(args)))))(*args)
 
 
 @pytest.mark.parametrize('window,stride,size', [(3, 2, 55), (3, 2, 13), (2, 2, 27), (3, 2, 8)])

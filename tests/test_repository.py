@@ -149,16 +149,12 @@ def test_every_documented_command_exists():
 
 @pytest.mark.slow
 def test_every_documented_command_answers_help():
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   commands = [['-m', c] for c in _documented_commands()] + [['main.py']]
-  for start in range(0, len(commands), 2):  # two at a time: one per core
-    procs = [(c, subprocess.Popen([sys.executable, *c, '--help'], cwd=conftest.ROOT, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-             for c in commands[start:start + 2]]
-    for c, p in procs:
-      out, _ = p.communicate(timeout=120)
-      assert p.returncode == 0 and '--' in out, (c, p.returncode, out[-2000:])
+  # One after another in one interpreter (conftest.run_commands), as `python -m` runs each.
+  results = conftest.run_commands([([*c, '--help'], conftest.ROOT) for c in commands])
+  for c, p in zip(commands, results):
+    assert p.returncode == 0 and '--' in p.stdout + p.stderr, (c, p.returncode,
+                                                               p.stderr[-2000:])
 
 
 def test_no_function_imports_what_its_module_already_imported():
