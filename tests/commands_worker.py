@@ -12,7 +12,7 @@ descriptors (Python's, absl's logging and TensorFlow's C++ lines alike).
 
 Why one interpreter: these cases are starts and early exits (--help, a user error), and each
 `python` of a command spends ~4 s of CPU importing TensorFlow and JAX before it gets there;
-tests/test_cli.py and test_repository.py ran 26 of them. Between cases the flags the command
+tests/test_cli.py and test_repository.py have 28 such cases. Between cases the flags the command
 defined are removed, so that the next command defines its own (every command defines its flags
 only when run, `cli.run`). The first case runs in a fresh interpreter; the others find the
 libraries already imported, which is the point.
