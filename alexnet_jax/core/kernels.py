@@ -8,11 +8,11 @@ honoured is a ConfigError, never a silent fallback.
 
 What 'auto' picks, and why (measured on XLA:CPU at batch 128; BENCHMARKS.md):
 - conv_backend: oneDNN on the CPU for float32 (and bfloat16 where the CPU multiplies it
-  natively) when its calls build: conv2's two columns 488 vs 1,192 ms forward+backward, conv3
-  324 vs 477. XLA's own everywhere else.
-- conv_impl (conv1, stride 4): with oneDNN its direct convolution (145 ms); else on the CPU the
-  im2col matrix product (368 vs 979 ms for XLA's strided convolution); GPU/TPU keep 'direct'.
-- column_impl: two half-convolutions on the CPU (a grouped convolution measured 4.7x slower on
+  natively) when its calls build: conv2's two columns 774 vs 1,420 ms forward+backward, conv3
+  430 vs 735. XLA's own everywhere else.
+- conv_impl (conv1, stride 4): with oneDNN its direct convolution (229 ms); else on the CPU the
+  im2col matrix product (784 vs 1,075 ms for XLA's strided convolution); GPU/TPU keep 'direct'.
+- column_impl: two half-convolutions on the CPU (a grouped convolution measured 5.1x slower on
   XLA:CPU); GPU/TPU convolution libraries run the grouped form natively.
 - pool_impl: the scatter-free mask gradient on the CPU (select-and-scatter took 13x the forward
   pass); XLA's own on GPU/TPU, whose pooling backward is a native kernel.
