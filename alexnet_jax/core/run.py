@@ -100,12 +100,8 @@ def _changes(before: ml_collections.ConfigDict,
 
 def _abstract_state(config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes of the TrainState a run of `config` checkpoints (nothing computed)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.core import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config, Kernels())  # Kernels compute the same shapes: the plain.
-  tx = optim.create_optimizer(config)
-  return jax.eval_shape(
-      lambda: steps.create_train_state(model, tx, config.seed, config.image_size))
+  # Kernels compute the same shapes: the plain forms.
+  return steps.initial_state(config, Kernels(), abstract=True)[2]
 
 
 def _first_shape_difference(before: Any, after: Any) -> str | None:
@@ -252,9 +248,9 @@ def restore(workdir: str, config: ml_collections.ConfigDict, *, which: str = 'be
         differ = '; '.join(str(c) for c in _changes(before, config))
         raise RunError(f'The config cannot read the checkpoints in {workdir}: {why}. It '
                        f"differs from the run's config ({saved}) in {differ}.")
-    model, _, state = steps.initial_state(config, kernels)
+    model, _, shapes = steps.initial_state(config, kernels, abstract=True)
     schedule = optim.LearningRate(config, 1).state()
-    state, _, _ = checkpoints.restore(manager, state, schedule, step=step)
+    state, _, _ = checkpoints.restore(manager, shapes, schedule, step=step)
   finally:
     manager.close()
   return Restored(model=model, params=state.params, step=int(step))

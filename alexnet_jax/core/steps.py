@@ -54,24 +54,31 @@ class TrainState:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       image_size: int) -> TrainState:
-  """Initial state: §5's initialisation from `seed`, fresh optimizer state, step 0."""
+                       image_size: int, params: Any = None) -> TrainState:
+  """Initial state: §5's initialisation from `seed` (or the given `params`), fresh optimizer
+  state, step 0."""
   init_key, base_key = jax.random.split(jax.random.key(seed))
-  params = models.init_params(model, init_key, image_size)
+  if params is None:
+    params = models.init_params(model, init_key, image_size)
   # Jitted: unjitted, optax's init compiles a small program per parameter array (about 2 s for
   # 'owt', at every start and every restore).
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=jax.jit(tx.init)(params), rng=jax.random.key_data(base_key))
 
 
-def initial_state(config: Any, kernels: Kernels | None = None
+def initial_state(config: Any, kernels: Kernels | None = None, *, abstract: bool = False
                   ) -> tuple[models.AlexNet, optax.GradientTransformation, TrainState]:
-  """The model, optimizer and initial state (host NumPy arrays) of a run of `config`: what
-  training starts from, and the shapes a checkpoint is restored into."""
+  """The model, optimizer and initial state of a run of `config`: host NumPy arrays, what
+  training starts from. abstract=True: the state's shapes and dtypes only
+  (jax.ShapeDtypeStruct), nothing drawn or computed: what a checkpoint is restored into (the
+  paper network's initialisation is 61 M random draws)."""
   model = models.create_model(config, kernels)
   tx = optim.create_optimizer(config)
-  state = create_train_state(model, tx, config.seed, config.image_size)
-  return model, tx, jax.tree_util.tree_map(np.asarray, state)
+  start = lambda: create_train_state(model, tx, config.seed, config.image_size)
+  if abstract:
+    return model, tx, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                             jax.eval_shape(start))
+  return model, tx, jax.tree_util.tree_map(np.asarray, start())
 
 
 @dataclasses.dataclass(frozen=True)

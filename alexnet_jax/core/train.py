@@ -243,10 +243,11 @@ def _start(config: ml_collections.ConfigDict, workdir: str, kernels: kernels_lib
                'on %d devices', config.dataset, info.num_train, info.num_eval, info.num_classes,
                plan.total_steps, config.batch_size, plan.steps_per_epoch, jax.device_count())
 
-  model, tx, state = steps.initial_state(config, kernels)
+  # The state's shapes first: a resumed run never draws the initialisation it would discard.
+  model, tx, shapes = steps.initial_state(config, kernels, abstract=True)
   lr = optim.LearningRate(config, plan.steps_per_epoch)
   manager, restored = checkpoints.restore_latest_good(
-      workdir, config.keep_checkpoints, state, lr.state(), is_writer=is_main)
+      workdir, config.keep_checkpoints, shapes, lr.state(), is_writer=is_main)
   meta, unlogged = {'best_top1_error': None, 'best_step': None}, []
   if restored is not None:
     state, schedule, meta = restored
@@ -259,9 +260,12 @@ def _start(config: ml_collections.ConfigDict, workdir: str, kernels: kernels_lib
     if config.init_from:
       logging.info('config.init_from=%r is not read: the run resumes its own checkpoint.',
                    config.init_from)
-  elif source is not None:
-    started = transfer.start_from(source, state.params, optim.frozen_layers(config.freeze_through))
-    state = state.replace(params=started.params)
+  else:
+    _, _, state = steps.initial_state(config, kernels)  # §5's initialisation from the seed
+    if source is not None:
+      started = transfer.start_from(source, state.params,
+                                    optim.frozen_layers(config.freeze_through))
+      state = state.replace(params=started.params)
   logging.info('Parameters: %s', f'{models.count_params(state.params):,}')
   return _Start(model, tx, state, lr, manager, mean, meta, unlogged)
 

@@ -155,14 +155,15 @@ def import_torchvision(file: str, workdir: str,
   config_lib.validate(config, num_devices=1)  # one process writes; no batch is split
   class_names, classes_source = _class_names(num_classes)
 
-  model, tx, state = steps.initial_state(config, Kernels())
+  model, tx, network = steps.initial_state(config, Kernels(), abstract=True)
   shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
-  if shapes(params) != shapes(state.params):  # a bug: the conversion and the network disagree
+  if shapes(params) != shapes(network.params):  # a bug: the conversion and the network disagree
     raise ValueError(f'The converted parameters {shapes(params)} do not fit the network '
-                     f'{shapes(state.params)}.')
+                     f'{shapes(network.params)}.')
+  # Step 0 with the imported parameters and a fresh optimizer state (momentum zeros).
+  state = jax.tree_util.tree_map(np.asarray, steps.create_train_state(
+      model, tx, config.seed, config.image_size, params=params))
   del model, tx
-  # The fresh optimizer state of `initial_state` holds zeros whatever the parameters: it stays.
-  state = state.replace(params=params)
 
   cli.prepare_output(workdir, flag='workdir', folder=True)
   run_lib.record_classes(workdir, class_names)
