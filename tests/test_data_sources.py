@@ -51,9 +51,28 @@ def test_grey_png_becomes_rgb():
   np.testing.assert_allclose(square, np.repeat(grey[..., None], 3, -1), atol=1e-3)
 
 
+def test_digits_are_scikit_learns_in_the_split_it_draws():
+  """The digits read without importing scikit-learn are `load_digits`' own, and the stored split
+  is the one train_test_split draws with the settings named in sources.py."""
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  pixels, labels = data_sources.digits_pixels()
+  assert pixels.dtype == digits.images.dtype and labels.dtype == digits.target.dtype
+  np.testing.assert_array_equal(pixels, digits.images)
+  np.testing.assert_array_equal(labels, digits.target)
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=data_sources.DIGITS_TEST_SIZE, stratify=labels,
+      random_state=data_sources.DIGITS_SPLIT_SEED)
+  arrays = data_sources.digits_arrays(8)  # (8 -> 8: the pixels as they are, scaled to 0..255)
+  for name, index in (('train', train), ('test', test)):
+    images, split_labels = arrays[name]
+    np.testing.assert_array_equal(split_labels, digits.target[index])
+    np.testing.assert_array_equal(
+        images[..., 0], np.round(digits.images[index] * 255 / 16).astype(np.uint8))
+
+
 def test_digits_split_is_fixed_stratified_and_upscaled_by_pixel_replication():
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  target = datasets.load_digits().target
+  target = data_sources.digits_pixels()[1]
   arrays = data_sources.digits_arrays(32)
   (train_x, train_y), (test_x, test_y) = arrays['train'], arrays['test']
   assert train_x.shape == (1437, 32, 32, 3) and test_x.shape == (360, 32, 32, 3)

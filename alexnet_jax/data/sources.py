@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import json
 import os
 import re
 from typing import Callable
@@ -39,10 +41,12 @@ IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 # (and so learning-rate schedules) match the paper run.
 SYNTHETIC_NUM_TRAIN = 1_281_167
 SYNTHETIC_NUM_EVAL = 50_000
-# scikit-learn digits: pixel values 0..16; a fixed stratified split of the 1,797 images.
+# scikit-learn digits: pixel values 0..16; a fixed stratified split of the 1,797 images, the one
+# sklearn.model_selection.train_test_split draws with these settings (stored: DIGITS_SPLIT_FILE).
 DIGITS_MAX_VALUE = 16.0
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
+DIGITS_SPLIT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_split.json')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -657,29 +661,47 @@ def _folder_split(config, split: str) -> IndexedSplit:
 # ---------------------------------------------------------------------------- digits
 
 
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 digits as its `load_digits` gives them: (float64 [1797, 8, 8], values
+  0..16; int64 [1797] labels).
+
+  Read from the CSV file inside the installed scikit-learn package, found without importing it
+  (the import takes ~0.6 s of a command's start on 2 cores); through `load_digits` itself where
+  that file is not where scikit-learn keeps it today.
+  """
+  spec = importlib.util.find_spec('sklearn')
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(folder, 'datasets', 'data', 'digits.csv.gz')
+    if os.path.isfile(path):
+      data = np.loadtxt(path, delimiter=',')  # 64 pixel values, then the label, per row
+      return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  return digits.images, digits.target
+
+
 @functools.lru_cache(maxsize=4)
 def digits_arrays(resize_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """scikit-learn's 1,797 digits as {'train', 'test'}: (uint8 [n, R, R, 3], int32 [n]).
 
-  A fixed stratified split (1,437 / 360). Values 0..16 are scaled to 0..255 and the grey
-  replicated to RGB; the 8x8 images are upscaled with nearest-neighbour interpolation, which for
-  the integer factor of the quick-start config (8 -> 32) replicates each pixel into a 4x4 block:
-  no grey levels are invented and random crops shift the digit by whole quarter-pixels.
+  A fixed stratified split (1,437 / 360; indices in DIGITS_SPLIT_FILE, in the order each split
+  is read). Values 0..16 are scaled to 0..255 and the grey replicated to RGB; the 8x8 images are
+  upscaled with nearest-neighbour interpolation, which for the integer factor of the
+  quick-start config (8 -> 32) replicates each pixel into a 4x4 block: no grey levels are
+  invented and random crops shift the digit by whole quarter-pixels.
   """
-  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8)
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      images, digits.target, test_size=DIGITS_TEST_SIZE, stratify=digits.target,
-      random_state=DIGITS_SPLIT_SEED)
+  pixels, labels = digits_pixels()
+  images = np.round(pixels * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8)
+  with open(DIGITS_SPLIT_FILE, encoding='utf-8') as f:
+    split = json.load(f)
 
-  def to_square(x):
-    rgb = np.repeat(x[..., None], 3, axis=-1)
+  def part(name):
+    index = np.asarray(split[name])
+    rgb = np.repeat(images[index][..., None], 3, axis=-1)
     resized = tf.image.resize(rgb, [resize_size, resize_size], method='nearest')
-    return resized.numpy().astype(np.uint8)
+    return resized.numpy().astype(np.uint8), labels[index].astype(np.int32)
 
-  return {'train': (to_square(train_x), train_y.astype(np.int32)),
-          'test': (to_square(test_x), test_y.astype(np.int32))}
+  return {'train': part('train'), 'test': part('test')}
 
 
 # ---------------------------------------------------------------------------- prepared
@@ -722,7 +744,6 @@ def read_segments(files: tf.Tensor, skips: tf.Tensor, takes: tf.Tensor) -> tf.da
 
 @functools.lru_cache(maxsize=8)
 def _prepared_index_of(data_dir: str) -> dict:
-  import json  # pylint: disable=g-import-not-at-top
   path = paths.resolve(data_dir) / PREPARED_INDEX
   if not path.exists():
     progress = (paths.resolve(data_dir) / '.progress').exists()
