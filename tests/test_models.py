@@ -193,8 +193,16 @@ def test_lrn_keeps_each_column_to_itself_until_conv3(within):
   assert all(other) if within else not any(other)
 
 
-def test_paper_initialisation_statistics():
-  params = models.init_params(models.create_model(_config()), jax.random.key(0), 224)
+@pytest.fixture(scope='module')
+def paper_model_and_params():
+  model = models.create_model(_config())
+  params = models.init_params(model, jax.random.key(0), 224)
+  images = jax.random.normal(jax.random.key(5), (2, 224, 224, 3)) * 60.0
+  return model, params, images
+
+
+def test_paper_initialisation_statistics(paper_model_and_params):
+  _, params, _ = paper_model_and_params
   for name, layer in params.items():
     w = np.asarray(layer['kernel'])
     # §5: every weight N(0, 0.01); the tolerance is a few standard errors for the smallest layer.
@@ -209,14 +217,6 @@ def test_paper_initialisation_statistics():
                              jax.random.key(0), 32)
   np.testing.assert_allclose(caffe['conv2']['bias'], 0.1)
   np.testing.assert_allclose(caffe['conv3']['bias'], 0.0)
-
-
-@pytest.fixture(scope='module')
-def paper_model_and_params():
-  model = models.create_model(_config())
-  params = models.init_params(model, jax.random.key(0), 224)
-  images = jax.random.normal(jax.random.key(5), (2, 224, 224, 3)) * 60.0
-  return model, params, images
 
 
 def test_eval_is_deterministic_and_dropout_is_not(paper_model_and_params):

@@ -22,6 +22,7 @@ needs them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -405,13 +406,16 @@ def create_model(config: Any, kernels: Kernels | None = None, split: str = 'none
       input_std=None if config.get('std_rgb') is None else tuple(map(float, config.std_rgb)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(model: AlexNet, rng: jax.Array, image_size: int) -> Any:
   """Initial parameters (§5 scheme) for images of `image_size` x `image_size` x 3.
 
-  One jitted program: the forward pass that `init` traces is dropped, and the draws are not
-  compiled one operation at a time (op by op, the paper network's took seconds)."""
+  One jitted program, kept for each (model, image_size): the forward pass that `init` traces is
+  dropped, the draws are not compiled one operation at a time (op by op, the paper network's
+  took seconds), and a second run in the same process (a sweep) neither traces nor compiles it
+  again."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return jax.jit(lambda k: model.init({'params': k}, x, train=False)['params'])(rng)
+  return model.init({'params': rng}, x, train=False)['params']
 
 
 def fc7_features(model: AlexNet, params: Any, images: jax.Array) -> jax.Array:
