@@ -77,8 +77,8 @@ def latest_state(workdir, config):  # pylint: disable=redefined-outer-name
   from alexnet_jax.core import optim  # pylint: disable=g-import-not-at-top
   from alexnet_jax.core import steps  # pylint: disable=g-import-not-at-top
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  _, _, state = steps.initial_state(config)
-  restored = checkpoints.restore(manager, state, optim.LearningRate(config, 10).state())
+  _, _, shapes = steps.initial_state(config, abstract=True)
+  restored = checkpoints.restore(manager, shapes, optim.LearningRate(config, 10).state())
   manager.close()
   return restored[0]
 
