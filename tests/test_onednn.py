@@ -124,15 +124,18 @@ def test_model_gradients_same_with_either_backend():
   config.model = 'paper'
   config.image_size = 67  # conv1..pool5 all non-empty at 67x67.
   x = jax.random.normal(jax.random.key(1), (2, 67, 67, 3)) * 50
+  cotangent = jax.random.normal(jax.random.key(2), (2, config.num_classes))
+  params = models.init_params(models.create_model(config), jax.random.key(0), 67)
   results = []
   for backend in ('xla', 'onednn'):
     config.conv_backend = backend
     model = models.create_model(config)
-    params = models.init_params(model, jax.random.key(0), 67)
-    logits = lambda p: model.apply({'params': p}, x)  # pylint: disable=cell-var-from-loop
-    cotangent = jax.random.normal(jax.random.key(2), (2, config.num_classes))
-    results.append((jax.jit(logits)(params),
-                    jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * cotangent)))(params)))
+
+    def logits_and_grads(p, model=model):
+      logits, vjp = jax.vjp(lambda p: model.apply({'params': p}, x), p)
+      return logits, vjp(cotangent)[0]
+
+    results.append(jax.jit(logits_and_grads)(params))
   (y0, g0), (y1, g1) = results
   np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y0))))
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
