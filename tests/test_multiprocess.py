@@ -78,9 +78,10 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_end
   hybrid = ['--config.eval_every_steps=1000000', '--config.parallelism=hybrid']
   with _processes(tmp_path, two, *hybrid, '--config.num_train_steps=1000000',
                   devices=4) as group:
-    # Sent as the loop starts (its handler in place): the first step's vote carries it, and
-    # every process reads that vote after the second step.
-    group.wait_for(1, 'Training steps', timeout=TIMEOUT_S)
+    # Sent once both loops have started (their handlers in place; either may log first): a
+    # step's vote carries it, and every process reads that vote after the next step.
+    for i in range(2):
+      group.wait_for(i, 'Training steps', timeout=TIMEOUT_S)
     assert 'Process 1 of 2: 4 local devices of 8 in all' in group.output(1)
     assert "mesh {'data': 2, 'model': 4}" in group.output(0)
     group.procs[1].send_signal(signal.SIGTERM)
