@@ -146,6 +146,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
                   devices=4) as group:
     _check_ok(group)
     assert 'Process 1 of 2: 4 local devices of 8 in all' in group.output(1)
+    log = group.output(0)  # (process 0 reports the run's progress)
+    assert f'step {num_steps}/{num_steps}' in log and 'eval top-1 error' in log
 
   # 1 process x 8 devices (this test's own) for as many steps: the same global batches, dropout
   # masks (folded with the global device index), pmean and learning rate, hence the same
