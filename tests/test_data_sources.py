@@ -1,6 +1,7 @@
 """Sources: decoding to §2's square, the digits split, image folders, TFDS (mocked, no network)."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -53,16 +54,19 @@ def test_grey_png_becomes_rgb():
 
 def test_digits_are_scikit_learns_in_the_split_it_draws():
   """The digits read without importing scikit-learn are `load_digits`' own, and the stored split
-  is the one train_test_split draws with the settings named in sources.py."""
+  is the one train_test_split draws with the settings its file records."""
   from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   pixels, labels = data_sources.digits_pixels()
   assert pixels.dtype == digits.images.dtype and labels.dtype == digits.target.dtype
   np.testing.assert_array_equal(pixels, digits.images)
   np.testing.assert_array_equal(labels, digits.target)
+  with open(data_sources.DIGITS_SPLIT_FILE, encoding='utf-8') as f:
+    settings = json.load(f)
+  assert settings['test_size'] == 360 and len(settings['train']) == 1437
   train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=data_sources.DIGITS_TEST_SIZE, stratify=labels,
-      random_state=data_sources.DIGITS_SPLIT_SEED)
+      np.arange(len(labels)), test_size=settings['test_size'], stratify=labels,
+      random_state=settings['seed'])
   arrays = data_sources.digits_arrays(8)  # (8 -> 8: the pixels as they are, scaled to 0..255)
   for name, index in (('train', train), ('test', test)):
     images, split_labels = arrays[name]

@@ -42,10 +42,8 @@ IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 SYNTHETIC_NUM_TRAIN = 1_281_167
 SYNTHETIC_NUM_EVAL = 50_000
 # scikit-learn digits: pixel values 0..16; a fixed stratified split of the 1,797 images, the one
-# sklearn.model_selection.train_test_split draws with these settings (stored: DIGITS_SPLIT_FILE).
+# sklearn.model_selection.train_test_split draws with the settings that the file records.
 DIGITS_MAX_VALUE = 16.0
-DIGITS_TEST_SIZE = 360
-DIGITS_SPLIT_SEED = 0
 DIGITS_SPLIT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_split.json')
 
 
