@@ -6,6 +6,7 @@ import mode).
 """
 
 import json
+from importlib import metadata
 import os
 import shlex
 import shutil
@@ -18,10 +19,30 @@ import time
 
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 _OPTIMISATION_FLAG = '--xla_backend_optimization_level'
-# 8 simulated CPU devices, and XLA's backend (LLVM) optimisations off: compiling is most of the
-# suite's time (a cold 12-step run of configs/tiny.py: 25 CPU s against 15), the checks compare
-# values, not speed, and the convolutions run the same library calls at either level.
-os.environ.setdefault('XLA_FLAGS', f'{_DEVICE_COUNT_FLAG}=8 {_OPTIMISATION_FLAG}=0')
+_FUSION_EMITTERS_FLAG = '--xla_cpu_use_fusion_emitters'
+
+
+def _xla_knows_fusion_emitters_flag() -> bool:
+  """Whether the installed XLA:CPU takes _FUSION_EMITTERS_FLAG: jaxlib 0.10 does. XLA is retiring
+  the older emitters that the flag selects, and an XLA that does not know a flag of XLA_FLAGS
+  stops at its first computation ('Unknown flags in XLA_FLAGS'), so other versions go without."""
+  try:
+    return metadata.version('jaxlib').split('.')[:2] == ['0', '10']
+  except metadata.PackageNotFoundError:
+    return False
+
+
+# 8 simulated CPU devices, and compiling made cheap, since compiling is most of the suite's time
+# and the checks compare values, not speed:
+# - XLA's backend (LLVM) optimisations off (a cold 12-step run of configs/tiny.py: 25 CPU s
+#   against 15); the convolutions run the same library calls at either level.
+# - The elementwise parts (fusions) compiled by XLA:CPU's older emitters instead of its MLIR
+#   fusion emitters: the tiny network's pmapped train step compiles in 0.74 CPU s against 2.5-2.8,
+#   the paper network's in 0.7-0.9 against 2.4-2.8, and the whole suite ran in 322 s against 360
+#   (593 CPU s against 680), same machine, back to back, every test passing.
+os.environ.setdefault('XLA_FLAGS', ' '.join(
+    [f'{_DEVICE_COUNT_FLAG}=8', f'{_OPTIMISATION_FLAG}=0'] +
+    [f'{_FUSION_EMITTERS_FLAG}=false'] * _xla_knows_fusion_emitters_flag()))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Compiled programs are cached across tests and the main.py subprocesses they start: the same
 # tiny network is compiled by many tests.
@@ -106,7 +127,8 @@ def env_with_devices(devices: int) -> dict[str, str]:
 
 def env_optimised() -> dict[str, str]:
   """This environment with XLA's backend optimisations at their default (XLA's other flags
-  kept), for a command whose time is in running its programs, not in compiling them."""
+  kept: the older fusion emitters' programs ran the ReLU/tanh sweep as fast), for a command
+  whose time is in running its programs, not in compiling them."""
   return _env_with_xla_flags(_OPTIMISATION_FLAG)
 
 
