@@ -32,8 +32,8 @@ def _xla_knows_fusion_emitters_flag() -> bool:
     return False
 
 
-# 8 simulated CPU devices, and compiling made cheap, since compiling is most of the suite's time
-# and the checks compare values, not speed:
+# 8 simulated CPU devices, and compiling made cheap, since compiling is a large share of the
+# suite's time and the checks compare values, not speed:
 # - XLA's backend (LLVM) optimisations off (a cold 12-step run of configs/tiny.py: 25 CPU s
 #   against 15); the convolutions run the same library calls at either level.
 # - The elementwise parts (fusions) compiled by XLA:CPU's older emitters instead of its MLIR
