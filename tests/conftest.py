@@ -38,7 +38,7 @@ def _xla_knows_fusion_emitters_flag() -> bool:
 #   against 15); the convolutions run the same library calls at either level.
 # - The elementwise parts (fusions) compiled by XLA:CPU's older emitters instead of its MLIR
 #   fusion emitters: the tiny network's pmapped train step compiles in 0.74 CPU s against 2.5-2.8,
-#   the paper network's in 0.7-0.9 against 2.4-2.8, and the whole suite ran in 322 s against 360
+#   the paper network's in 0.6-0.9 against 2.3-2.8, and the whole suite ran in 322 s against 360
 #   (593 CPU s against 680), same machine, back to back, every test passing.
 os.environ.setdefault('XLA_FLAGS', ' '.join(
     [f'{_DEVICE_COUNT_FLAG}=8', f'{_OPTIMISATION_FLAG}=0'] +
